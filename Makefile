@@ -1,0 +1,45 @@
+# Every target that needs Python first makes sure .venv exists and holds the
+# project with its dev extra (re-installed when pyproject.toml changes).
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+RUN     ?= runs/fashion_mnist_dhel
+CONFIG  ?= configs/fashion_mnist.py
+PYTEST_ARGS ?=
+
+.PHONY: setup data test run train eval bench lint notebooks clean
+
+setup: $(STAMP) data
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's copy of Fashion-MNIST: the offline source of the embedded default.
+data:
+	@if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	  else echo "note: install Debian's dataset-fashion-mnist (as root) for offline Fashion-MNIST"; fi; \
+	fi
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+run: train eval
+
+train: setup
+	.venv/bin/dhel-train --config $(CONFIG) --workdir $(RUN)
+
+eval: setup
+	.venv/bin/dhel-eval --workdir $(RUN)
+
+bench: setup
+	$(PY) -m pip install -q '.[bench]'
+	$(PY) benchmarks/bench_losses.py
+
+lint: setup
+	.venv/bin/ruff check dhel_jax tests benchmarks configs
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache

@@ -1,0 +1,412 @@
+"""Pairwise row reductions: the engine shared by every loss and metric.
+
+Every contrastive loss in SPEC.md is built from per-anchor reductions over a
+set of candidates, for anchor rows ``a`` (m, d) and candidate rows ``b`` (n, d):
+
+* ``reduce="lse"``: ``LSE_j f(a_i . b_j)`` (InfoNCE family; ``f = s / tau``),
+* ``reduce="sum"``: ``sum_j f(|a_i - b_j|^2)`` (kernel energies),
+
+optionally excluding given columns per row (the anchor itself, its positive),
+named by their global column ids. Three execution modes share one definition:
+
+* **dense** (``block_size=None``): the (m, n) matrix is formed and XLA
+  differentiates it. For self-similarity (``b=None``) the Gram matrix has a
+  custom VJP, ``dG -> (dG + dG^T) x``: one matmul instead of two.
+* **tiled** (``block_size=B``): a two-level scan over (B, B) tiles with an
+  online log-sum-exp, under a ``jax.custom_vjp`` whose backward pass
+  recomputes each tile. Peak memory is O((m + n) d + B^2), independent of the
+  (m, n) product. A custom VJP rather than ``jax.checkpoint`` around a scan:
+  autodiff of a nested scan saves every tile's sliced inputs as residuals
+  (O(m n d / B) memory), the custom backward saves only ``a``, ``b`` and the
+  per-row statistics.
+* **sharded**: the losses pass local anchor rows and all-gathered candidates,
+  with the anchors' global ids offset by ``axis_index * m_local``; each device
+  does O(m_local * M) work and XLA's transpose of ``all_gather`` (a reduce-scatter) routes the
+  candidate gradients back to their owners.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+PyTree = object
+Reduce = Literal["lse", "sum"]
+Argument = Literal["dot", "sqdist"]
+
+_NORM_EPS = 1e-12
+# Value substituted for excluded/padded entries before ``f`` is applied, so
+# that kernels singular at r = 0 (Riesz, log) never see a zero distance there
+# and produce no NaN cotangents through the mask.
+_SAFE_SQDIST = 1.0
+
+
+def l2_normalize(x: Array, eps: float = _NORM_EPS) -> Array:
+    """Rows ``x_i / max(|x_i|, eps)`` (SPEC.md, Notation), in ``x.dtype``.
+
+    The norm is computed in float32 (or float64) and the square root is taken
+    of ``max(|x_i|^2, eps^2)``, so a zero row maps to zero with a finite
+    gradient, as ``torch.nn.functional.normalize`` does.
+    """
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    xf = x.astype(acc)
+    inv = lax.rsqrt(jnp.maximum(jnp.sum(xf * xf, axis=-1, keepdims=True), eps * eps))
+    return (xf * inv).astype(x.dtype)
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for low-precision inputs, float64 stays float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _dot_nt(a: Array, b: Array) -> Array:
+    """``a @ b.T`` accumulated in at least float32, at full float32 precision."""
+    acc = accumulation_dtype(a.dtype)
+    precision = lax.Precision.HIGHEST if a.dtype in (jnp.float32, jnp.float64) else None
+    return lax.dot_general(
+        a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=acc
+    )
+
+
+def _dot_nn(g: Array, b: Array) -> Array:
+    """``g @ b`` in the accumulation dtype (g is already float32/64)."""
+    precision = lax.Precision.HIGHEST if g.dtype in (jnp.float32, jnp.float64) else None
+    return lax.dot_general(
+        g, b.astype(g.dtype), (((1,), (0,)), ((), ())), precision=precision
+    )
+
+
+@jax.custom_vjp
+def _self_dot(x: Array) -> Array:
+    return _dot_nt(x, x)
+
+
+def _self_dot_fwd(x):
+    return _dot_nt(x, x), x
+
+
+def _self_dot_bwd(x, g):
+    # d(x x^T) = dx x^T + x dx^T  =>  x_bar = (g + g^T) x: one matmul, not two.
+    return (_dot_nn(g + g.T, x).astype(x.dtype),)
+
+
+_self_dot.defvjp(_self_dot_fwd, _self_dot_bwd)
+
+
+def sq_norms(x: Array) -> Array:
+    """Squared row norms ``|x_i|^2`` in the accumulation dtype, shape (n,)."""
+    xf = x.astype(accumulation_dtype(x.dtype))
+    return jnp.sum(xf * xf, axis=-1)
+
+
+def _tile_values(s, sa, sb, f, params, argument, mask):
+    """Applies ``f`` to a tile of dot products ``s``; excluded entries are made safe."""
+    if argument == "dot":
+        return f(jnp.where(mask, s, 0.0), params)
+    r2 = jnp.maximum(sa[:, None] + sb[None, :] - 2.0 * s, 0.0)
+    return f(jnp.where(mask, r2, _SAFE_SQDIST), params)
+
+
+def _mask(cols: Array, exclude: tuple[Array, ...], row_valid=None, col_valid=None) -> Array:
+    """(rows, cols) boolean mask: False where column id equals an excluded id of the row."""
+    n_rows = exclude[0].shape[0] if exclude else (row_valid.shape[0] if row_valid is not None else 1)
+    mask = jnp.ones((n_rows, cols.shape[0]), dtype=bool)
+    for ids in exclude:
+        mask = mask & (ids[:, None] != cols[None, :])
+    if row_valid is not None:
+        mask = mask & row_valid[:, None]
+    if col_valid is not None:
+        mask = mask & col_valid[None, :]
+    return mask
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def _dense(a, b, f, params, reduce, argument, exclude):
+    s = _self_dot(a) if b is None else _dot_nt(a, b)
+    b = a if b is None else b
+    cols = jnp.arange(b.shape[0])
+    mask = _mask(cols, exclude, row_valid=jnp.ones((a.shape[0],), bool))
+    sa = sq_norms(a) if argument == "sqdist" else None
+    sb = sq_norms(b) if argument == "sqdist" else None
+    vals = _tile_values(s, sa, sb, f, params, argument, mask)
+    if reduce == "lse":
+        masked = jnp.where(mask, vals, -jnp.inf)
+        return jax.nn.logsumexp(masked, axis=1), lax.stop_gradient(jnp.max(masked, axis=1))
+    return jnp.sum(jnp.where(mask, vals, 0.0), axis=1), None
+
+
+# --------------------------------------------------------------------------- tiled
+
+
+def _vma_zero(*trees, dtype) -> Array:
+    """A scalar 0 carrying the union of the inputs' varying mesh axes.
+
+    Inside ``shard_map`` scan carries must be typed as varying over the same
+    mesh axes as the values the body adds to them; adding this to a fresh
+    ``zeros`` gives it exactly that type (and is a no-op outside shard_map).
+    """
+    zero = jnp.zeros((), dtype)
+    for leaf in jax.tree.leaves(trees):
+        zero = zero + jnp.sum(jnp.reshape(leaf, (-1,))[:0]).astype(dtype)
+    return zero
+
+
+def _varying_axes(x) -> frozenset:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _match_varying(ct: Array, primal: Array) -> Array:
+    """Gives a cotangent the varying-axes type of its primal.
+
+    A primal replicated over an axis (e.g. a temperature) gets the sum of the
+    per-device cotangents; a varying primal with an invariant cotangent gets it
+    cast to varying.
+    """
+    extra = _varying_axes(ct) - _varying_axes(primal)
+    if extra:
+        ct = lax.psum(ct, tuple(sorted(extra, key=str)))
+    missing = _varying_axes(primal) - _varying_axes(ct)
+    if missing:
+        ct = lax.pcast(ct, tuple(sorted(missing, key=str)), to="varying")
+    return ct
+
+
+def _tiles(x: Array, block: int) -> Array:
+    """(n, ...) -> (n_blocks, block, ...), zero-padded."""
+    pad = (-x.shape[0]) % block
+    if pad:
+        x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+    return x.reshape((x.shape[0] // block, block) + x.shape[1:])
+
+
+def _tiled_forward(a, b, params, exclude, f, reduce, argument, block):
+    m, n = a.shape[0], b.shape[0]
+    acc = accumulation_dtype(a.dtype)
+    a_t, b_t = _tiles(a, block), _tiles(b, block)
+    sa_t, sb_t = _tiles(sq_norms(a), block), _tiles(sq_norms(b), block)
+    ex_t = tuple(_tiles(ids, block) for ids in exclude)
+    local = jnp.arange(block)
+
+    def row_block(args):
+        ia, a_blk, sa_blk, ex_blk = args
+        row_valid = ia * block + local < m
+
+        def col_step(carry, cargs):
+            jb, b_blk, sb_blk = cargs
+            cols = jb * block + local
+            mask = _mask(cols, ex_blk, row_valid, cols < n)
+            s = _dot_nt(a_blk, b_blk)
+            vals = _tile_values(s, sa_blk, sb_blk, f, params, argument, mask).astype(acc)
+            if reduce == "sum":
+                return carry + jnp.sum(jnp.where(mask, vals, 0.0), axis=1), None
+            masked = jnp.where(mask, vals, -jnp.inf)
+            mx, se = carry
+            new_mx = jnp.maximum(mx, jnp.max(masked, axis=1))
+            safe = jnp.where(jnp.isfinite(new_mx), new_mx, 0.0)
+            se = se * jnp.exp(mx - safe) + jnp.sum(jnp.exp(masked - safe[:, None]), axis=1)
+            return (new_mx, se), None
+
+        xs = (jnp.arange(b_t.shape[0]), b_t, sb_t)
+        zero = _vma_zero(a_blk, b_t, params, ex_blk, dtype=acc)
+        if reduce == "sum":
+            out, _ = lax.scan(col_step, jnp.zeros((block,), acc) + zero, xs)
+            return out, jnp.zeros((block,), acc) + zero
+        init = (jnp.full((block,), -jnp.inf, acc) + zero, jnp.zeros((block,), acc) + zero)
+        (mx, se), _ = lax.scan(col_step, init, xs)
+        return jnp.log(se) + jnp.where(jnp.isfinite(mx), mx, 0.0), mx
+
+    red, rowmax = lax.map(row_block, (jnp.arange(a_t.shape[0]), a_t, sa_t, ex_t))
+    return red.reshape(-1)[:m], rowmax.reshape(-1)[:m]
+
+
+def _tiled_backward(a, b, params, exclude, red, g, f, reduce, argument, block):
+    m, n, d = a.shape[0], b.shape[0], a.shape[1]
+    acc = accumulation_dtype(a.dtype)
+    a_t, b_t = _tiles(a, block), _tiles(b, block)
+    sa_t, sb_t = _tiles(sq_norms(a), block), _tiles(sq_norms(b), block)
+    ex_t = tuple(_tiles(ids, block) for ids in exclude)
+    red_t, g_t = _tiles(red, block), _tiles(g.astype(acc), block)
+    local = jnp.arange(block)
+    zero = _vma_zero(a, b, params, exclude, g, dtype=acc)
+    p_zero = jax.tree.map(lambda p: jnp.zeros_like(p) + zero.astype(p.dtype), params)
+
+    def row_step(carry, rargs):
+        gb_acc, p_acc = carry
+        ia, a_blk, sa_blk, ex_blk, red_blk, g_blk = rargs
+        row_valid = ia * block + local < m
+        a_f = a_blk.astype(acc)
+
+        def col_step(ccarry, cargs):
+            ga_acc, pc_acc = ccarry
+            jb, b_blk, sb_blk = cargs
+            cols = jb * block + local
+            mask = _mask(cols, ex_blk, row_valid, cols < n)
+            s = _dot_nt(a_blk, b_blk)
+            if argument == "dot":
+                x = jnp.where(mask, s, 0.0)
+            else:
+                r2_raw = sa_blk[:, None] + sb_blk[None, :] - 2.0 * s
+                x = jnp.where(mask, jnp.maximum(r2_raw, 0.0), _SAFE_SQDIST)
+            vals, f_vjp = jax.vjp(lambda t, p: f(t, p).astype(acc), x, params)
+            if reduce == "lse":
+                w = jnp.where(mask, jnp.exp(vals - red_blk[:, None]), 0.0) * g_blk[:, None]
+            else:
+                w = jnp.where(mask, g_blk[:, None], 0.0)
+            x_bar, p_bar = f_vjp(w)
+            x_bar = jnp.where(mask, x_bar, 0.0)
+            b_f = b_blk.astype(acc)
+            if argument == "dot":
+                ga = _dot_nn(x_bar, b_f)
+                gb = _dot_nn(x_bar.T, a_f)
+            else:
+                # r2 = |a|^2 + |b|^2 - 2 a.b, clipped at 0.
+                x_bar = jnp.where(r2_raw > 0.0, x_bar, 0.0)
+                ga = 2.0 * (jnp.sum(x_bar, axis=1)[:, None] * a_f - _dot_nn(x_bar, b_f))
+                gb = 2.0 * (jnp.sum(x_bar, axis=0)[:, None] * b_f - _dot_nn(x_bar.T, a_f))
+            pc_acc = jax.tree.map(jnp.add, pc_acc, p_bar)
+            return (ga_acc + ga, pc_acc), gb
+
+        (ga_blk, p_acc), gb_tiles = lax.scan(
+            col_step,
+            (jnp.zeros((block, d), acc) + zero, p_acc),
+            (jnp.arange(b_t.shape[0]), b_t, sb_t),
+        )
+        return (gb_acc + gb_tiles.reshape(-1, d), p_acc), ga_blk
+
+    (gb_full, p_bar), ga_tiles = lax.scan(
+        row_step,
+        (jnp.zeros((b_t.shape[0] * block, d), acc) + zero, p_zero),
+        (jnp.arange(a_t.shape[0]), a_t, sa_t, ex_t, red_t, g_t),
+    )
+    ga = ga_tiles.reshape(-1, d)[:m].astype(a.dtype)
+    gb = gb_full[:n].astype(b.dtype)
+    return ga, gb, p_bar
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _tiled(a, b, params, exclude, f, reduce, argument, block):
+    return _tiled_forward(a, b, params, exclude, f, reduce, argument, block)
+
+
+def _tiled_fwd(a, b, params, exclude, f, reduce, argument, block):
+    red, rowmax = _tiled_forward(a, b, params, exclude, f, reduce, argument, block)
+    return (red, rowmax), (a, b, params, exclude, red)
+
+
+def _tiled_bwd(f, reduce, argument, block, res, cts):
+    a, b, params, exclude, red = res
+    g, _ = cts  # the row maximum is a statistic for logging: no gradient.
+    ga, gb, p_bar = _tiled_backward(a, b, params, exclude, red, g, f, reduce, argument, block)
+    p_bar = jax.tree.map(_match_varying, p_bar, params)
+    return _match_varying(ga, a), _match_varying(gb, b), p_bar, tuple(None for _ in exclude)
+
+
+_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+# --------------------------------------------------------------------------- API
+
+
+def pairwise_reduce(
+    a: Array,
+    b: Array | None,
+    f: Callable[[Array, PyTree], Array],
+    params: PyTree = (),
+    *,
+    reduce: Reduce,
+    argument: Argument = "dot",
+    exclude: tuple[Array, ...] = (),
+    block_size: int | None = None,
+) -> tuple[Array, Array | None]:
+    """Per-row reduction over candidate columns of an elementwise function.
+
+    Args:
+      a: anchor rows, shape (m, d).
+      b: candidate rows, shape (n, d); ``None`` means ``b = a`` (self-similarity).
+      f: elementwise ``f(x, params)`` applied to ``x_ij = a_i . b_j``
+        (``argument="dot"``) or to ``x_ij = |a_i - b_j|^2``
+        (``argument="sqdist"``); differentiable and NaN-free at ``x = 1``.
+      params: pytree of arrays used by ``f`` (temperatures, kernel widths);
+        gradients flow to them in every mode.
+      reduce: ``"lse"`` (log-sum-exp over j) or ``"sum"``.
+      exclude: int arrays of shape (m,): column ``ids[i]`` is dropped from
+        row ``i`` (the anchor itself, its positive).
+      block_size: ``None`` for the dense computation, else the tile edge.
+
+    Returns:
+      ``(red, rowmax)``: the reductions, shape (m,) in the accumulation dtype,
+      and for ``"lse"`` the (gradient-free) row maxima of ``f``, else ``None``.
+    """
+    exclude = tuple(jnp.asarray(ids, jnp.int32) for ids in exclude)
+    if block_size is None:
+        return _dense(a, b, f, params, reduce, argument, exclude)
+    b = a if b is None else b
+    red, rowmax = _tiled(a, b, params, exclude, f, reduce, argument, int(block_size))
+    return red, (lax.stop_gradient(rowmax) if reduce == "lse" else None)
+
+
+# --------------------------------------------------------------------------- sharding
+
+
+AxisName = Hashable | tuple[Hashable, ...] | None
+
+
+def axis_size(axis_name: AxisName) -> int:
+    """Number of devices along ``axis_name`` (1 when ``None``)."""
+    if axis_name is None:
+        return 1
+    return lax.axis_size(axis_name)
+
+
+def gather_candidates(x: Array, axis_name: AxisName) -> tuple[Array | None, Array]:
+    """All-gathers the rows of ``x`` over ``axis_name``.
+
+    Returns ``(x_all, ids)``: ``x_all`` is ``None`` without an axis (the caller
+    then uses self-similarity) and else the (M_global, d) stack in device
+    order; ``ids`` (m,) are the global row ids of this device's rows. The
+    gradient of ``all_gather`` is a reduce-scatter, so candidate cotangents
+    reach the device that owns each row.
+    """
+    local = jnp.arange(x.shape[0], dtype=jnp.int32)
+    if axis_name is None:
+        return None, local
+    x_all = lax.all_gather(x, axis_name, axis=0, tiled=True)
+    return x_all, lax.axis_index(axis_name).astype(jnp.int32) * x.shape[0] + local
+
+
+def global_logsumexp(x: Array, axis_name: AxisName) -> Array:
+    """``log sum exp(x)`` over this device's entries and every device along ``axis_name``.
+
+    Uses ``pmax`` and ``psum`` (not an all-gather), so the result is typed as
+    replicated inside ``shard_map`` and its gradient is the local softmax.
+    """
+    if axis_name is None:
+        return jax.nn.logsumexp(x)
+    top = lax.pmax(lax.stop_gradient(jnp.max(x)), axis_name)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    return top + jnp.log(lax.psum(jnp.sum(jnp.exp(x - top)), axis_name))
+
+
+def global_sum(x: Array, axis_name: AxisName) -> Array:
+    """``sum(x)`` over this device's entries and every device along ``axis_name``."""
+    total = jnp.sum(x)
+    return total if axis_name is None else lax.psum(total, axis_name)
+
+
+def global_max(x: Array, axis_name: AxisName) -> Array:
+    """``max(x)`` over this device's entries and every device along ``axis_name``."""
+    top = jnp.max(x)
+    return top if axis_name is None else lax.pmax(top, axis_name)
