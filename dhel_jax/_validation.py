@@ -19,7 +19,9 @@ def check_embeddings(x: Any, name: str = "x", *, fn: str) -> None:
     shape = getattr(x, "shape", None)
     dtype = getattr(x, "dtype", None)
     if shape is None or dtype is None:
-        raise TypeError(f"{fn}: {name} must be a JAX or NumPy array of shape (M, d); got {type(x)!r}.")
+        raise TypeError(
+            f"{fn}: {name} must be a JAX or NumPy array of shape (M, d); got {type(x)!r}."
+        )
     if len(shape) != 2:
         raise ValueError(
             f"{fn}: {name} must have rank 2, shape (M, d) with M examples of dimension d; "
@@ -31,7 +33,9 @@ def check_embeddings(x: Any, name: str = "x", *, fn: str) -> None:
             f"got {dtype}."
         )
     if shape[1] < 1:
-        raise ValueError(f"{fn}: {name} must have embedding dimension d >= 1; got shape {tuple(shape)}.")
+        raise ValueError(
+            f"{fn}: {name} must have embedding dimension d >= 1; got shape {tuple(shape)}."
+        )
 
 
 def check_pair(z1: Any, z2: Any, *, fn: str) -> None:
@@ -72,7 +76,11 @@ def check_block_size(block_size: Any, *, fn: str) -> None:
     """Checks ``block_size`` is ``None`` or a positive ``int``."""
     if block_size is None:
         return
-    if not isinstance(block_size, numbers.Integral) or isinstance(block_size, bool) or block_size < 1:
+    if (
+        not isinstance(block_size, numbers.Integral)
+        or isinstance(block_size, bool)
+        or block_size < 1
+    ):
         raise ValueError(
             f"{fn}: block_size must be None (dense) or a positive integer; got {block_size!r}."
         )

@@ -206,8 +206,14 @@ def simclr(
     paper's mini-batch form).
     """
     loss, aux = _nt_xent_family(
-        z1, z2, tau=tau, symmetric=symmetric, axis_name=axis_name, block_size=block_size,
-        fn="simclr", kind="simclr",
+        z1,
+        z2,
+        tau=tau,
+        symmetric=symmetric,
+        axis_name=axis_name,
+        block_size=block_size,
+        fn="simclr",
+        kind="simclr",
     )
     return _output(loss, aux, return_aux)
 
@@ -228,8 +234,14 @@ def dcl(
     ``-a.p(a)/tau + LSE_{b in W, b not in {a, p(a)}} (a.b/tau)``.
     """
     loss, aux = _nt_xent_family(
-        z1, z2, tau=tau, symmetric=symmetric, axis_name=axis_name, block_size=block_size,
-        fn="dcl", kind="dcl",
+        z1,
+        z2,
+        tau=tau,
+        symmetric=symmetric,
+        axis_name=axis_name,
+        block_size=block_size,
+        fn="dcl",
+        kind="dcl",
     )
     return _output(loss, aux, return_aux)
 
@@ -252,8 +264,15 @@ def dclw(
     of the pair; the gradient flows through ``w``).
     """
     loss, aux = _nt_xent_family(
-        z1, z2, tau=tau, symmetric=symmetric, axis_name=axis_name, block_size=block_size,
-        fn="dclw", kind="dclw", sigma=sigma,
+        z1,
+        z2,
+        tau=tau,
+        symmetric=symmetric,
+        axis_name=axis_name,
+        block_size=block_size,
+        fn="dclw",
+        kind="dclw",
+        sigma=sigma,
     )
     return _output(loss, aux, return_aux)
 
@@ -319,7 +338,13 @@ def pair_energy(
     global_m = x.shape[0] * axis_size(axis_name)
     x_all, ids = gather_candidates(x, axis_name)
     rows, _ = pairwise_reduce(
-        x, x_all, kernel_fn, t, reduce="sum", argument="sqdist", exclude=(ids,),
+        x,
+        x_all,
+        kernel_fn,
+        t,
+        reduce="sum",
+        argument="sqdist",
+        exclude=(ids,),
         block_size=block_size,
     )
     return global_sum(rows, axis_name) / (global_m * (global_m - 1))
@@ -416,7 +441,9 @@ def loss_hyperparameters(name: str) -> dict[str, Any]:
 
 def _lookup(name: str) -> Callable[..., LossOutput]:
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; accepted losses are {', '.join(map(repr, LOSSES))}.")
+        raise ValueError(
+            f"unknown loss {name!r}; accepted losses are {', '.join(map(repr, LOSSES))}."
+        )
     return LOSSES[name]
 
 
@@ -436,7 +463,9 @@ def get_loss(name: str, **hparams: Any) -> Callable[..., LossOutput]:
             f"accepted are {', '.join(map(repr, accepted))}."
         )
     if name == "kcl":
-        kernels_lib.get_kernel(hparams.get("kernel", accepted["kernel"]), hparams.get("t", accepted["t"]))
+        kernels_lib.get_kernel(
+            hparams.get("kernel", accepted["kernel"]), hparams.get("t", accepted["t"])
+        )
     for key in ("tau", "sigma"):
         if key in hparams:
             check_positive(hparams[key], key, fn=name)

@@ -10,7 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dhel_jax._validation import check_block_size, check_embeddings, check_global_batch, check_positive
+from dhel_jax._validation import (
+    check_block_size,
+    check_embeddings,
+    check_global_batch,
+    check_positive,
+)
 from dhel_jax.pairwise import (
     AxisName,
     accumulation_dtype,
@@ -79,8 +84,14 @@ def uniformity(
     u = l2_normalize(x)
     u_all, ids = gather_candidates(u, axis_name)
     row_lse, _ = pairwise_reduce(
-        u, u_all, _neg_scaled, jnp.asarray(t, acc), reduce="lse", argument="sqdist",
-        exclude=(ids,), block_size=block_size,
+        u,
+        u_all,
+        _neg_scaled,
+        jnp.asarray(t, acc),
+        reduce="lse",
+        argument="sqdist",
+        exclude=(ids,),
+        block_size=block_size,
     )
     # Mean over ordered pairs i != j equals the mean over i < j.
     return global_logsumexp(row_lse, axis_name) - jnp.log(

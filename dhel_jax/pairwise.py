@@ -77,9 +77,7 @@ def _dot_nt(a: Array, b: Array) -> Array:
 def _dot_nn(g: Array, b: Array) -> Array:
     """``g @ b`` in the accumulation dtype (g is already float32/64)."""
     precision = lax.Precision.HIGHEST if g.dtype in (jnp.float32, jnp.float64) else None
-    return lax.dot_general(
-        g, b.astype(g.dtype), (((1,), (0,)), ((), ())), precision=precision
-    )
+    return lax.dot_general(g, b.astype(g.dtype), (((1,), (0,)), ((), ())), precision=precision)
 
 
 @jax.custom_vjp
@@ -115,7 +113,9 @@ def _tile_values(s, sa, sb, f, params, argument, mask):
 
 def _mask(cols: Array, exclude: tuple[Array, ...], row_valid=None, col_valid=None) -> Array:
     """(rows, cols) boolean mask: False where column id equals an excluded id of the row."""
-    n_rows = exclude[0].shape[0] if exclude else (row_valid.shape[0] if row_valid is not None else 1)
+    n_rows = (
+        exclude[0].shape[0] if exclude else (row_valid.shape[0] if row_valid is not None else 1)
+    )
     mask = jnp.ones((n_rows, cols.shape[0]), dtype=bool)
     for ids in exclude:
         mask = mask & (ids[:, None] != cols[None, :])

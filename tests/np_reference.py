@@ -1,0 +1,173 @@
+"""Independent float64 NumPy references, written from ../shared/SPEC.md with explicit loops.
+
+Nothing here imports dhel_jax: these are the yardsticks the JAX code is held to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def normalize(z: np.ndarray) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+
+def lse(values) -> float:
+    values = np.asarray(values, np.float64)
+    top = values.max()
+    return float(top + math.log(np.sum(np.exp(values - top))))
+
+
+# ----------------------------------------------------------------------------- InfoNCE family
+
+
+def info_nce(z1, z2, tau=0.1, symmetric=False):
+    u, v = normalize(z1), normalize(z2)
+    m = len(u)
+
+    def one_way(a, b):
+        return np.mean(
+            [-a[i] @ b[i] / tau + lse([a[i] @ b[j] / tau for j in range(m)]) for i in range(m)]
+        )
+
+    return (one_way(u, v) + one_way(v, u)) / 2 if symmetric else one_way(u, v)
+
+
+def _nt_xent(z1, z2, tau, kind, symmetric=True, sigma=0.5):
+    u, v = normalize(z1), normalize(z2)
+    m = len(u)
+    w = np.concatenate([u, v])
+    raw_pos = np.array([u[i] @ v[i] for i in range(m)])
+    soft = np.exp(raw_pos / sigma) / np.sum(np.exp(raw_pos / sigma))
+    weight = 2.0 - m * soft
+    terms = []
+    for a in range(2 * m if symmetric else m):
+        p = (a + m) % (2 * m)
+        cands = [
+            w[a] @ w[b] / tau
+            for b in range(2 * m)
+            if b != a and not (kind in ("dcl", "dclw") and b == p)
+        ]
+        pos = w[a] @ w[p] / tau
+        if kind == "dclw":
+            pos = weight[a % m] * pos
+        terms.append(-pos + lse(cands))
+    return float(np.mean(terms))
+
+
+def simclr(z1, z2, tau=0.5, symmetric=True):
+    return _nt_xent(z1, z2, tau, "simclr", symmetric)
+
+
+def dcl(z1, z2, tau=0.1, symmetric=True):
+    return _nt_xent(z1, z2, tau, "dcl", symmetric)
+
+
+def dclw(z1, z2, tau=0.1, sigma=0.5, symmetric=True):
+    return _nt_xent(z1, z2, tau, "dclw", symmetric, sigma)
+
+
+def dhel(z1, z2, tau=0.3, include_augs=True):
+    u, v = normalize(z1), normalize(z2)
+    m = len(u)
+    out = []
+    for i in range(m):
+        term = -u[i] @ v[i] / tau + lse([u[i] @ u[j] / tau for j in range(m) if j != i])
+        if include_augs:
+            term += lse([v[i] @ v[j] / tau for j in range(m) if j != i])
+        out.append(term)
+    return float(np.mean(out))
+
+
+def nt_xent_accuracy(z1, z2, kind):
+    """Fraction of anchors whose positive beats every negative of the loss's negative set."""
+    u, v = normalize(z1), normalize(z2)
+    m = len(u)
+    if kind == "dhel":
+        return float(
+            np.mean([all(u[i] @ v[i] > u[i] @ u[j] for j in range(m) if j != i) for i in range(m)])
+        )
+    if kind == "info_nce":
+        return float(
+            np.mean([all(u[i] @ v[i] > u[i] @ v[j] for j in range(m) if j != i) for i in range(m)])
+        )
+    w = np.concatenate([u, v])
+    hits = []
+    for a in range(2 * m):
+        p = (a + m) % (2 * m)
+        hits.append(all(w[a] @ w[p] > w[a] @ w[b] for b in range(2 * m) if b not in (a, p)))
+    return float(np.mean(hits))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def kernel_values(name: str, r: float, t: float) -> tuple[float, float]:
+    """(K_U, K_A) at distance r, SPEC.md "KCL kernels"."""
+    if name == "gaussian":
+        k = math.exp(-t * r * r)
+        return k, k
+    if name == "log":
+        return -0.5 * math.log(t * r * r + 1), -math.log(t * r * r + 1)
+    if name == "imq":
+        k = t / math.sqrt(t * t + r * r)
+        return k, k
+    if name == "riesz":
+        assert t < 0
+        k = -(r ** abs(t))
+        return k, k
+    if name == "gaussian_riesz":
+        energy = r ** (-t) if t > 0 else -(r ** abs(t))
+        return energy, math.exp(-2 * r * r)
+    raise ValueError(name)
+
+
+def kcl(z1, z2, kernel="gaussian", t=2.0, gamma=16.0):
+    u, v = normalize(z1), normalize(z2)
+    m = len(u)
+
+    def energy(x):
+        vals = [
+            kernel_values(kernel, float(np.linalg.norm(x[i] - x[j])), t)[0]
+            for i in range(m)
+            for j in range(i + 1, m)
+        ]
+        return float(np.mean(vals))
+
+    align = np.mean(
+        [kernel_values(kernel, float(np.linalg.norm(u[i] - v[i])), t)[1] for i in range(m)]
+    )
+    return -2 * align + gamma * (energy(u) + energy(v))
+
+
+# ----------------------------------------------------------------------------- Wang & Isola
+
+
+def alignment(x, y, alpha=2.0):
+    a, b = normalize(x), normalize(y)
+    return float(np.mean([np.linalg.norm(a[i] - b[i]) ** alpha for i in range(len(a))]))
+
+
+def uniformity(x, t=2.0):
+    a = normalize(x)
+    m = len(a)
+    vals = [-t * np.sum((a[i] - a[j]) ** 2) for i in range(m) for j in range(i + 1, m)]
+    return lse(vals) - math.log(len(vals))
+
+
+def align_uniform(z1, z2, alpha=2.0, t=2.0, lam=1.0):
+    return alignment(z1, z2, alpha) + lam * (uniformity(z1, t) + uniformity(z2, t)) / 2
+
+
+LOSSES = {
+    "info_nce": info_nce,
+    "simclr": simclr,
+    "dcl": dcl,
+    "dclw": dclw,
+    "dhel": dhel,
+    "kcl": kcl,
+    "align_uniform": align_uniform,
+}
