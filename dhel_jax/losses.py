@@ -347,7 +347,7 @@ def pair_energy(
         exclude=(ids,),
         block_size=block_size,
     )
-    return global_sum(rows, axis_name) / (global_m * (global_m - 1))
+    return global_sum(rows, axis_name) / float(global_m * (global_m - 1))
 
 
 def kcl(

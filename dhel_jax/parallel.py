@@ -1,0 +1,83 @@
+"""Device meshes and global-batch evaluation of the losses.
+
+Two ways to evaluate a loss on a batch sharded over many devices (README,
+"Scaling"):
+
+* ``jax.jit`` on arrays with a ``NamedSharding`` over a ``('data',)`` mesh:
+  call the loss as if on one device; XLA partitions it and inserts the
+  collectives (what ``dhel_jax.train`` does).
+* ``sharded_loss(loss_fn, mesh)``: an explicit ``jax.shard_map`` in which
+  each device computes only its (M_local x M_global) block against the
+  all-gathered embeddings, via the losses' ``axis_name`` argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DATA_AXIS) -> Mesh:
+    """A 1-D mesh over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    return Mesh(np.asarray(devices), (axis_name,))
+
+
+def batch_sharding(mesh: Mesh, axis_name: str = DATA_AXIS) -> NamedSharding:
+    """Leading (batch) axis split over ``axis_name``; other axes replicated."""
+    return NamedSharding(mesh, P(axis_name))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array."""
+    return NamedSharding(mesh, P())
+
+
+def check_divisible(
+    global_batch: int, mesh: Mesh, axis_name: str = DATA_AXIS, *, what: str = "batch"
+) -> None:
+    """Raises a clear ``ValueError`` unless ``global_batch`` splits evenly over the axis."""
+    n = mesh.shape[axis_name]
+    if global_batch % n:
+        raise ValueError(
+            f"the global {what} size {global_batch} does not split evenly over the {n} devices of mesh "
+            f"axis {axis_name!r}; use a multiple of {n} (e.g. {(global_batch // n + 1) * n})."
+        )
+
+
+def sharded_loss(
+    loss_fn: Callable[..., Any], mesh: Mesh, *, axis_name: str = DATA_AXIS, **hparams: Any
+) -> Callable[[jax.Array, jax.Array], Any]:
+    """Wraps ``loss_fn(z1, z2, axis_name=..., **hparams)`` in ``jax.shard_map``.
+
+    The returned function takes global (M, d) arrays (sharded over
+    ``axis_name``, or placed there on the fly) and returns the loss of the
+    global batch, replicated, with the gradient of the global loss. Each device
+    computes its (M/n x M) similarity block only.
+
+    Raises:
+      ValueError: M is not a multiple of the number of devices on the axis.
+    """
+    sharding = batch_sharding(mesh, axis_name)
+    inner = jax.shard_map(
+        lambda z1, z2: loss_fn(z1, z2, axis_name=axis_name, **hparams),
+        mesh=mesh,
+        in_specs=(P(axis_name), P(axis_name)),
+        out_specs=P(),
+    )
+
+    def global_loss(z1: jax.Array, z2: jax.Array) -> Any:
+        check_divisible(z1.shape[0], mesh, axis_name)
+        return inner(
+            jax.lax.with_sharding_constraint(z1, sharding),
+            jax.lax.with_sharding_constraint(z2, sharding),
+        )
+
+    return global_loss
