@@ -1,0 +1,313 @@
+"""ResNet encoders and the SimCLR projection head, as pure Flax Linen modules.
+
+The ResNet follows flax ``examples/imagenet/models.py`` and torchvision (ResNet v1.5: the stride of
+a bottleneck block sits on its 3x3 convolution), with two stems:
+
+* ``stem="imagenet"``: 7x7 stride-2 convolution, BatchNorm, ReLU, 3x3 stride-2 max-pool
+  (a 32x32 input reaches the first stage at 8x8);
+* ``stem="cifar"``: 3x3 stride-1 convolution, BatchNorm, ReLU and no max-pool (SimCLR's
+  CIFAR-10 variant; a 32x32 input reaches the first stage at 32x32).
+
+``ResNet`` returns the globally average-pooled features ``h`` of shape (B, F); ``ProjectionHead``
+maps them to ``z = g(h)`` of shape (B, P) on which the contrastive losses act, and
+``ContrastiveModel`` bundles the two. ``get_model(name, ...)`` builds one of ``MODELS``.
+
+BatchNorm statistics span the *global* batch: under ``jax.jit`` with the batch sharded over a
+mesh, the batch mean and variance are reductions over the full (logical) batch axis and XLA
+inserts the cross-device all-reduce. Inside ``jax.shard_map`` (or ``pmap``) pass
+``bn_axis_name`` to get the same statistics with explicit collectives.
+
+``dtype`` is the compute dtype (``jnp.bfloat16`` for mixed precision); parameters and BatchNorm
+statistics stay float32 (``param_dtype``), BatchNorm reductions run in float32, and the outputs
+of ``ContrastiveModel`` are float32 so that losses see float32 embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dhel_jax._validation import check_choice
+
+Array = jax.Array
+ModuleDef = Any
+Dtype = Any
+
+STEMS = ("cifar", "imagenet")
+
+# He (Kaiming) normal with fan_out, as torchvision initialises ResNet convolutions.
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut; expansion 1."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: tuple[int, int] = (1, 1)
+    zero_init_residual: bool = True
+
+    expansion = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        residual = x
+        y = self.conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)))(x)
+        y = nn.relu(self.norm()(y))
+        y = self.conv(self.filters, (3, 3), padding=((1, 1), (1, 1)))(y)
+        # A zero gamma makes each block start as the identity (Goyal et al., 2017; SimCLR).
+        y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
+        if residual.shape != y.shape:
+            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
+            residual = self.norm(name="norm_proj")(residual)
+        return nn.relu(residual + y)
+
+
+class BottleneckBlock(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand (x4) convolutions with a shortcut; expansion 4."""
+
+    filters: int
+    conv: ModuleDef
+    norm: ModuleDef
+    strides: tuple[int, int] = (1, 1)
+    zero_init_residual: bool = True
+
+    expansion = 4
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        residual = x
+        y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
+        y = self.conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)))(y)
+        y = nn.relu(self.norm()(y))
+        y = self.conv(self.filters * self.expansion, (1, 1))(y)
+        y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
+        if residual.shape != y.shape:
+            residual = self.conv(
+                self.filters * self.expansion, (1, 1), self.strides, name="conv_proj"
+            )(residual)
+            residual = self.norm(name="norm_proj")(residual)
+        return nn.relu(residual + y)
+
+
+def _last_scale_init(zero: bool) -> Callable[..., Array]:
+    return nn.initializers.zeros_init() if zero else nn.initializers.ones_init()
+
+
+class ResNet(nn.Module):
+    """ResNet encoder: (B, H, W, C) images -> (B, F) globally average-pooled features.
+
+    Stage ``i`` has ``stage_sizes[i]`` blocks of width ``num_filters * 2**i`` (times the block's
+    expansion); every stage after the first halves the resolution. ``F = num_filters *
+    2**(len(stage_sizes) - 1) * block_cls.expansion`` (512 for ResNet-18/34, 2048 for ResNet-50).
+
+    Attributes:
+      stage_sizes: number of blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
+      block_cls: ``BasicBlock`` or ``BottleneckBlock``.
+      num_filters: width of the stem and the first stage.
+      stem: ``"cifar"`` (3x3 stride 1, no max-pool) or ``"imagenet"`` (7x7 stride 2 + max-pool).
+      dtype: compute dtype (float32 or bfloat16); parameters stay ``param_dtype``.
+      param_dtype: dtype of parameters and BatchNorm statistics.
+      bn_momentum: running-average decay of BatchNorm statistics (torch momentum 0.1 == 0.9).
+      bn_epsilon: BatchNorm variance epsilon.
+      zero_init_residual: zero-initialise the last BatchNorm gamma of every residual block.
+      bn_axis_name: mesh axis to average BatchNorm statistics over inside ``shard_map``/``pmap``;
+        ``None`` under ``jax.jit`` with sharded arrays (XLA already reduces globally).
+    """
+
+    stage_sizes: Sequence[int]
+    block_cls: ModuleDef
+    num_filters: int = 64
+    stem: str = "cifar"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    zero_init_residual: bool = True
+    bn_axis_name: str | None = None
+
+    @property
+    def num_features(self) -> int:
+        """The feature dimension F of the output."""
+        return self.num_filters * 2 ** (len(self.stage_sizes) - 1) * self.block_cls.expansion
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool) -> Array:
+        check_choice(self.stem, "stem", STEMS, fn="ResNet")
+        if x.ndim != 4:
+            raise ValueError(
+                f"ResNet: expects images of shape (B, H, W, C); got shape {tuple(x.shape)}."
+            )
+        conv = functools.partial(
+            nn.Conv,
+            use_bias=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=conv_kernel_init,
+        )
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            axis_name=self.bn_axis_name,
+        )
+        x = jnp.asarray(x, self.dtype)
+        if self.stem == "imagenet":
+            x = conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem_conv")(
+                x
+            )
+            x = nn.relu(norm(name="stem_bn")(x))
+            x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        else:
+            x = conv(self.num_filters, (3, 3), (1, 1), padding=((1, 1), (1, 1)), name="stem_conv")(
+                x
+            )
+            x = nn.relu(norm(name="stem_bn")(x))
+        for i, num_blocks in enumerate(self.stage_sizes):
+            for j in range(num_blocks):
+                x = self.block_cls(
+                    self.num_filters * 2**i,
+                    conv=conv,
+                    norm=norm,
+                    strides=(2, 2) if i > 0 and j == 0 else (1, 1),
+                    zero_init_residual=self.zero_init_residual,
+                    name=f"stage{i + 1}_block{j + 1}",
+                )(x)
+        # Pool in float32: a bf16 mean over many positions loses precision for nothing.
+        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR projection head g: (B, F) features -> (B, out_dim) float32 projections.
+
+    ``num_layers - 1`` blocks of Linear(hidden_dim, no bias) -> BatchNorm -> ReLU, then a final
+    Linear(out_dim, with bias). The default is Linear-BN-ReLU-Linear (the paper's ResNet-18
+    setting 512 -> 512 -> 128). The hidden Linear layers have no bias because the following
+    BatchNorm's shift makes it redundant. ``output_bn`` adds a BatchNorm without learnable
+    scale/shift after the last Linear (SimCLR v2 style); off by default.
+    """
+
+    hidden_dim: int = 512
+    out_dim: int = 128
+    num_layers: int = 2
+    output_bn: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, h: Array, train: bool) -> Array:
+        if self.num_layers < 1:
+            raise ValueError(f"ProjectionHead: num_layers must be >= 1; got {self.num_layers}.")
+        if h.ndim != 2:
+            raise ValueError(
+                f"ProjectionHead: expects features of shape (B, F); got shape {tuple(h.shape)}."
+            )
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(
+            nn.BatchNorm,
+            use_running_average=not train,
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            axis_name=self.bn_axis_name,
+        )
+        z = jnp.asarray(h, self.dtype)
+        for i in range(self.num_layers - 1):
+            z = dense(self.hidden_dim, use_bias=False, name=f"hidden{i + 1}")(z)
+            z = nn.relu(norm(name=f"hidden{i + 1}_bn")(z))
+        z = dense(self.out_dim, name="output")(z)
+        if self.output_bn:
+            z = norm(use_scale=False, use_bias=False, name="output_bn")(z)
+        return z.astype(jnp.float32)
+
+
+class ContrastiveModel(nn.Module):
+    """Encoder f and projection head g: x -> {"features": f(x), "projections": g(f(x))}.
+
+    Both outputs are float32; ``features`` (B, F) are what linear probes use, ``projections``
+    (B, P) are what the contrastive loss uses.
+    """
+
+    encoder: nn.Module
+    head: nn.Module
+
+    def __call__(self, x: Array, train: bool) -> dict[str, Array]:
+        features = self.encoder(x, train=train)
+        projections = self.head(features, train=train)
+        return {
+            "features": features.astype(jnp.float32),
+            "projections": projections.astype(jnp.float32),
+        }
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+# CPU default (Fashion-MNIST): a real ResNet-8 (stem + 3 stages of one basic block, widths
+# 32-64-128, F = 128) that trains at a usable speed on two CPU cores.
+ResNetSmall = functools.partial(ResNet, stage_sizes=(1, 1, 1), block_cls=BasicBlock, num_filters=32)
+# For tests: two stages of one basic block, widths 4-8 (F = 8).
+ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1), block_cls=BasicBlock, num_filters=4)
+
+MODELS: dict[str, Callable[..., ResNet]] = {
+    "resnet18": ResNet18,
+    "resnet34": ResNet34,
+    "resnet50": ResNet50,
+    "resnet_small": ResNetSmall,
+    "resnet_tiny": ResNetTiny,
+}
+
+DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def get_model(
+    name: str,
+    *,
+    stem: str = "cifar",
+    head_hidden_dim: int = 512,
+    head_out_dim: int = 128,
+    head_num_layers: int = 2,
+    dtype: str = "float32",
+    bn_axis_name: str | None = None,
+    **encoder_kwargs: Any,
+) -> ContrastiveModel:
+    """Builds ``ContrastiveModel(encoder=MODELS[name](...), head=ProjectionHead(...))``.
+
+    Args:
+      name: one of ``MODELS``.
+      stem: ``"cifar"`` or ``"imagenet"``.
+      head_hidden_dim, head_out_dim, head_num_layers: the projection head's dimensions.
+      dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
+      bn_axis_name: see ``ResNet``; only for ``shard_map``/``pmap`` callers.
+      **encoder_kwargs: further ``ResNet`` attributes (``zero_init_residual``, ``num_filters``,
+        ``bn_momentum``, ...).
+    """
+    check_choice(name, "model name", tuple(MODELS), fn="get_model")
+    check_choice(stem, "stem", STEMS, fn="get_model")
+    dtype_name = str(jnp.dtype(dtype)) if not isinstance(dtype, str) else dtype
+    check_choice(dtype_name, "dtype", tuple(DTYPES), fn="get_model")
+    compute_dtype = DTYPES[dtype_name]
+    encoder = MODELS[name](
+        stem=stem, dtype=compute_dtype, bn_axis_name=bn_axis_name, **encoder_kwargs
+    )
+    head = ProjectionHead(
+        hidden_dim=head_hidden_dim,
+        out_dim=head_out_dim,
+        num_layers=head_num_layers,
+        dtype=compute_dtype,
+        bn_axis_name=bn_axis_name,
+    )
+    return ContrastiveModel(encoder=encoder, head=head)
