@@ -29,12 +29,29 @@ from dhel_jax.losses import (
     loss_hyperparameters,
     simclr,
 )
-from dhel_jax.metrics import alignment, uniformity
+from dhel_jax.metrics import (
+    alignment,
+    effective_rank,
+    hyperspherical_energy,
+    rank,
+    uniformity,
+    wasserstein_uniformity,
+)
 from dhel_jax.pairwise import l2_normalize
 
 __version__ = "0.1.0"
 
-_LAZY_SUBMODULES = ("models", "data", "augment", "train", "evaluate", "optimizers", "checkpointing")
+_LAZY_SUBMODULES = (
+    "augment",
+    "checkpointing",
+    "data",
+    "evaluate",
+    "models",
+    "optimizers",
+    "parallel",
+    "probes",
+    "train",
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -51,12 +68,16 @@ __all__ = [
     "dcl",
     "dclw",
     "dhel",
+    "effective_rank",
     "get_kernel",
     "get_loss",
+    "hyperspherical_energy",
     "info_nce",
     "kcl",
     "l2_normalize",
     "loss_hyperparameters",
+    "rank",
     "simclr",
     "uniformity",
+    "wasserstein_uniformity",
 ]

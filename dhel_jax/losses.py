@@ -44,6 +44,7 @@ from dhel_jax.pairwise import (
     global_sum,
     l2_normalize,
     pairwise_reduce,
+    partition_explicit_axes,
 )
 
 Array = jax.Array
@@ -115,6 +116,7 @@ def _output(loss, aux, return_aux):
 # --------------------------------------------------------------------------- InfoNCE family
 
 
+@partition_explicit_axes
 def info_nce(
     z1: Array,
     z2: Array,
@@ -188,6 +190,7 @@ def _nt_xent_family(z1, z2, *, tau, symmetric, axis_name, block_size, fn, kind, 
     return alignment + energy, aux
 
 
+@partition_explicit_axes
 def simclr(
     z1: Array,
     z2: Array,
@@ -218,6 +221,7 @@ def simclr(
     return _output(loss, aux, return_aux)
 
 
+@partition_explicit_axes
 def dcl(
     z1: Array,
     z2: Array,
@@ -246,6 +250,7 @@ def dcl(
     return _output(loss, aux, return_aux)
 
 
+@partition_explicit_axes
 def dclw(
     z1: Array,
     z2: Array,
@@ -280,6 +285,7 @@ def dclw(
 # --------------------------------------------------------------------------- DHEL
 
 
+@partition_explicit_axes
 def dhel(
     z1: Array,
     z2: Array,
@@ -350,6 +356,7 @@ def pair_energy(
     return global_sum(rows, axis_name) / float(global_m * (global_m - 1))
 
 
+@partition_explicit_axes
 def kcl(
     z1: Array,
     z2: Array,
@@ -390,6 +397,7 @@ def kcl(
 # --------------------------------------------------------------------------- Wang & Isola
 
 
+@partition_explicit_axes
 def align_uniform(
     z1: Array,
     z2: Array,

@@ -30,7 +30,6 @@ from dhel_jax._validation import (
 )
 from dhel_jax.pairwise import (
     AxisName,
-    _vma_zero,
     accumulation_dtype,
     axis_size,
     gather_candidates,
@@ -38,6 +37,8 @@ from dhel_jax.pairwise import (
     global_sum,
     l2_normalize,
     pairwise_reduce,
+    partition_explicit_axes,
+    vma_zero,
 )
 
 Array = jax.Array
@@ -49,6 +50,7 @@ def _safe_power(r2: Array, p: Array) -> Array:
     return jnp.where(pos, jnp.where(pos, r2, 1.0) ** (p / 2), 0.0)
 
 
+@partition_explicit_axes
 def alignment(x: Array, y: Array, *, alpha: float = 2.0, axis_name: AxisName = None) -> Array:
     """``mean_i |x_i - y_i|^alpha`` of the normalised rows (SPEC.md ``alignment``).
 
@@ -76,6 +78,7 @@ def _neg_scaled(r2: Array, t: Array) -> Array:
     return -t * r2
 
 
+@partition_explicit_axes
 def uniformity(
     x: Array, *, t: float = 2.0, axis_name: AxisName = None, block_size: int | None = None
 ) -> Array:
@@ -95,7 +98,7 @@ def uniformity(
     global_m = x.shape[0] * axis_size(axis_name)
     check_global_batch(global_m, fn=fn)
     acc = accumulation_dtype(x.dtype)
-    u = l2_normalize(_replicated(x))
+    u = l2_normalize(x)
     u_all, ids = gather_candidates(u, axis_name)
     row_lse, _ = pairwise_reduce(
         u,
@@ -242,8 +245,14 @@ def hyperspherical_energy(
     u_all, ids = gather_candidates(u, axis_name)
     f = _log_energy if s == 0 else _riesz
     row_sums, _ = pairwise_reduce(
-        u, u_all, f, jnp.asarray(s, acc), reduce="sum", argument="sqdist",
-        exclude=(ids,), block_size=block_size,
+        u,
+        u_all,
+        f,
+        jnp.asarray(s, acc),
+        reduce="sum",
+        argument="sqdist",
+        exclude=(ids,),
+        block_size=block_size,
     )
     return global_sum(row_sums, axis_name) / (global_m * (global_m - 1))
 
@@ -342,10 +351,14 @@ def _w1_from_histogram(
     grid = (lo + h * jnp.arange(num_bins + 1, dtype=dtype)).at[-1].set(hi)
     theta = jnp.arccos(-grid)
     dtheta = jnp.diff(theta)
-    cell_mass = dtheta * (
-        _angle_density(theta[:-1] + _GL2[0] * dtheta, d, log_c)
-        + _angle_density(theta[:-1] + _GL2[1] * dtheta, d, log_c)
-    ) / 2
+    cell_mass = (
+        dtheta
+        * (
+            _angle_density(theta[:-1] + _GL2[0] * dtheta, d, log_c)
+            + _angle_density(theta[:-1] + _GL2[1] * dtheta, d, log_c)
+        )
+        / 2
+    )
     cdf_lo, cdf_neg_hi = _sphere_cdf(jnp.stack([lo, -hi]), d, log_c)
     cdf = cdf_lo + jnp.concatenate([jnp.zeros((1,), dtype), jnp.cumsum(cell_mass)])
     f0, f1 = cdf[:-1], cdf[1:]
@@ -396,7 +409,7 @@ def _exact_pair_histogram(u, axis_name, global_m, num_bins, block_size):
     cols = u if u_all is None else u_all
     col_ids = jnp.arange(global_m, dtype=jnp.int32)
     # Scan carries inside shard_map must vary over the same mesh axes as u.
-    zero = _vma_zero(u, dtype=u.dtype)
+    zero = vma_zero(u, dtype=u.dtype)
     zeros = (
         jnp.zeros((num_bins,), jnp.int32) + zero.astype(jnp.int32),
         jnp.zeros((num_bins,), u.dtype) + zero,

@@ -27,6 +27,7 @@ named by their global column ids. Three execution modes share one definition:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Hashable
 from functools import partial
 from typing import Literal
@@ -146,7 +147,7 @@ def _dense(a, b, f, params, reduce, argument, exclude):
 # --------------------------------------------------------------------------- tiled
 
 
-def _vma_zero(*trees, dtype) -> Array:
+def vma_zero(*trees, dtype) -> Array:
     """A scalar 0 carrying the union of the inputs' varying mesh axes.
 
     Inside ``shard_map`` scan carries must be typed as varying over the same
@@ -220,7 +221,7 @@ def _tiled_forward(a, b, params, exclude, f, reduce, argument, block):
             return (new_mx, se), None
 
         xs = (jnp.arange(b_t.shape[0]), b_t, sb_t)
-        zero = _vma_zero(a_blk, b_t, params, ex_blk, dtype=acc)
+        zero = vma_zero(a_blk, b_t, params, ex_blk, dtype=acc)
         if reduce == "sum":
             out, _ = lax.scan(col_step, jnp.zeros((block,), acc) + zero, xs)
             return out, jnp.zeros((block,), acc) + zero
@@ -240,7 +241,7 @@ def _tiled_backward(a, b, params, exclude, red, g, f, reduce, argument, block):
     ex_t = tuple(_tiles(ids, block) for ids in exclude)
     red_t, g_t = _tiles(red, block), _tiles(g.astype(acc), block)
     local = jnp.arange(block)
-    zero = _vma_zero(a, b, params, exclude, g, dtype=acc)
+    zero = vma_zero(a, b, params, exclude, g, dtype=acc)
     p_zero = jax.tree.map(lambda p: jnp.zeros_like(p) + zero.astype(p.dtype), params)
 
     def row_step(carry, rargs):
@@ -359,6 +360,31 @@ def pairwise_reduce(
 
 
 # --------------------------------------------------------------------------- sharding
+
+
+def partition_explicit_axes(fn: Callable) -> Callable:
+    """Lets a global-batch loss or metric take arrays sharded over *Explicit* mesh axes.
+
+    Under ``jax.set_mesh`` with Explicit axes (``jax.make_mesh``'s default), JAX
+    refuses to infer the layout of an (M, M) product of two row-sharded
+    operands. The wrapped function runs those axes in Auto mode instead, so
+    XLA partitions the similarity blocks exactly as it does for ``jax.jit`` on
+    ``NamedSharding`` inputs, and returns replicated outputs. Outside an
+    Explicit mesh (including inside ``shard_map``) it is a plain call.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        mesh = jax.sharding.get_abstract_mesh()
+        explicit = tuple(getattr(mesh, "explicit_axes", ()) or ())
+        if not explicit:
+            return fn(*args, **kwargs)
+        call = lambda *a: fn(*a, **kwargs)
+        return jax.sharding.auto_axes(
+            call, axes=explicit, out_sharding=jax.sharding.PartitionSpec()
+        )(*args)
+
+    return wrapper
 
 
 AxisName = Hashable | tuple[Hashable, ...] | None

@@ -381,11 +381,13 @@ ALL_METRICS = {
     "uniformity": (metrics.uniformity, ref_uniformity),
     "effective_rank": (metrics.effective_rank, ref_effective_rank),
     "hyperspherical_energy": (
-        partial(metrics.hyperspherical_energy, s=1.0), partial(ref_energy, s=1.0)
+        partial(metrics.hyperspherical_energy, s=1.0),
+        partial(ref_energy, s=1.0),
     ),
     "log_energy": (partial(metrics.hyperspherical_energy, s=0), partial(ref_energy, s=0)),
     "wasserstein_uniformity": (
-        partial(metrics.wasserstein_uniformity, num_bins=4096), ref_wasserstein
+        partial(metrics.wasserstein_uniformity, num_bins=4096),
+        ref_wasserstein,
     ),
 }
 
@@ -467,8 +469,11 @@ def test_sharded_energy_gradient_equals_single_device(rng, eight_devices):
     [
         (lambda: metrics.alignment(jnp.ones(4), jnp.ones(4)), ValueError, "(4,)"),
         (lambda: metrics.alignment(jnp.ones((3, 2)), jnp.ones((4, 2))), ValueError, "(4, 2)"),
-        (lambda: metrics.alignment(jnp.ones((3, 2)), jnp.ones((3, 2)), alpha=0), ValueError,
-         "alpha = 0"),
+        (
+            lambda: metrics.alignment(jnp.ones((3, 2)), jnp.ones((3, 2)), alpha=0),
+            ValueError,
+            "alpha = 0",
+        ),
         (lambda: metrics.uniformity(jnp.ones((1, 3))), ValueError, "M = 1"),
         (lambda: metrics.uniformity(jnp.ones((3, 3)), t=-1.0), ValueError, "t = -1.0"),
         (lambda: metrics.effective_rank(jnp.ones((2, 3, 4))), ValueError, "(2, 3, 4)"),
@@ -478,22 +483,43 @@ def test_sharded_energy_gradient_equals_single_device(rng, eight_devices):
         (lambda: metrics.rank(jnp.ones((3, 3)), tol=0.0), ValueError, "tol = 0.0"),
         (lambda: metrics.hyperspherical_energy(jnp.ones((3, 3)), s=-1.0), ValueError, "s = -1.0"),
         (lambda: metrics.hyperspherical_energy(jnp.ones((1, 3)), s=1.0), ValueError, "M = 1"),
-        (lambda: metrics.hyperspherical_energy(jnp.ones((3, 3)), s=1.0, block_size=0),
-         ValueError, "block_size"),
+        (
+            lambda: metrics.hyperspherical_energy(jnp.ones((3, 3)), s=1.0, block_size=0),
+            ValueError,
+            "block_size",
+        ),
         (lambda: metrics.wasserstein_uniformity(jnp.ones(5)), ValueError, "(5,)"),
         (lambda: metrics.wasserstein_uniformity(jnp.ones((1, 3))), ValueError, "M = 1"),
         (lambda: metrics.wasserstein_uniformity(jnp.ones((4, 1))), ValueError, "(4, 1)"),
-        (lambda: metrics.wasserstein_uniformity(jnp.ones((4, 3)), num_pairs=100), ValueError,
-         "num_pairs = 100"),
-        (lambda: metrics.wasserstein_uniformity(jnp.ones((4, 3)), key=jax.random.key(0)),
-         ValueError, "num_pairs = None"),
-        (lambda: metrics.wasserstein_uniformity(
-            jnp.ones((4, 3)), num_pairs=0, key=jax.random.key(0)), ValueError, "num_pairs = 0"),
-        (lambda: metrics.wasserstein_uniformity(jnp.ones((4, 3)), num_bins=0), ValueError,
-         "num_bins = 0"),
-        (lambda: metrics.wasserstein_uniformity(
-            jnp.ones((4, 3)), num_pairs=10, block_size=2, key=jax.random.key(0)), ValueError,
-         "block_size = 2"),
+        (
+            lambda: metrics.wasserstein_uniformity(jnp.ones((4, 3)), num_pairs=100),
+            ValueError,
+            "num_pairs = 100",
+        ),
+        (
+            lambda: metrics.wasserstein_uniformity(jnp.ones((4, 3)), key=jax.random.key(0)),
+            ValueError,
+            "num_pairs = None",
+        ),
+        (
+            lambda: metrics.wasserstein_uniformity(
+                jnp.ones((4, 3)), num_pairs=0, key=jax.random.key(0)
+            ),
+            ValueError,
+            "num_pairs = 0",
+        ),
+        (
+            lambda: metrics.wasserstein_uniformity(jnp.ones((4, 3)), num_bins=0),
+            ValueError,
+            "num_bins = 0",
+        ),
+        (
+            lambda: metrics.wasserstein_uniformity(
+                jnp.ones((4, 3)), num_pairs=10, block_size=2, key=jax.random.key(0)
+            ),
+            ValueError,
+            "block_size = 2",
+        ),
         (lambda: metrics.wasserstein_uniformity(jnp.ones((70_000, 2))), ValueError, "num_pairs"),
     ],
 )
