@@ -65,6 +65,7 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import flags
 from PIL import Image
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -538,6 +539,15 @@ def _fit_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return out[top : top + height, left : left + width]
 
 
+def _get_records(source: Any, keys: list[int]) -> Sequence[dict]:
+    """``source.__getitems__(keys)`` (batched reads, ~3x faster), else one record at a time."""
+    try:
+        return source.__getitems__(keys)
+    except TypeError:
+        # tfds.testing.mock_data (4.9.10) installs an unbound __getitems__ on its mock source.
+        return [source[k] for k in keys]
+
+
 class _Records:
     """Random access to the concatenation of several TFDS data sources, as uint8 batches."""
 
@@ -560,7 +570,7 @@ class _Records:
             if rows.size == 0:
                 continue
             keys = (indices[rows] - self._offsets[s]).tolist()
-            for row, record in zip(rows, source.__getitems__(keys), strict=True):
+            for row, record in zip(rows, _get_records(source, keys), strict=True):
                 images[row] = _fit_image(np.asarray(record["image"]), self._image_shape)
                 labels[row] = record["label"]
         return images, labels
@@ -771,5 +781,9 @@ def make_pretrain_loader(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_batches)
     )
     if worker_count:
+        # grain's worker start-up reads its absl flags; outside absl.app.run they are unparsed
+        # and grain would fail, although it means their defaults (cf. grain.config.get_or_default).
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it_ds
