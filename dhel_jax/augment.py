@@ -492,7 +492,8 @@ def _views(images: jax.Array, key: jax.Array, cfg: _ViewConfig, num_views: int) 
     x = _to_unit_float(images)
     batch = images.shape[0]
     one_batch = jax.vmap(functools.partial(_one_view, cfg=cfg))
-    return tuple(one_batch(x, jax.random.split(k, batch)) for k in jax.random.split(key, num_views))
+    view_keys = [key] if num_views == 1 else jax.random.split(key, num_views)
+    return tuple(one_batch(x, jax.random.split(k, batch)) for k in view_keys)
 
 
 _VIEW_KWARGS: dict[str, Any] = dict(
@@ -570,7 +571,7 @@ def two_views(
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Two independent SimCLR views of every image: ``augment`` with the two halves of ``key``.
+    """Two independent SimCLR views: ``augment`` with each key of ``jax.random.split(key)``.
 
     Arguments as :func:`augment`. Returns two float32 ``[B, S_h, S_w, C]`` arrays; row ``i`` of
     the second is the positive of row ``i`` of the first.
