@@ -341,15 +341,15 @@ def _stage_local_fashion_mnist(local_dir: str, url_infos: dict, staging_dir: str
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist")
         with open(path, "rb") as f:
-            data = _upstream_gzip(f.read(), filename)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != url_info.size or digest != url_info.checksum:
+            content = _upstream_gzip(f.read(), filename)
+        digest = hashlib.sha256(content).hexdigest()
+        if len(content) != url_info.size or digest != url_info.checksum:
             raise ValueError(
                 f"{path} does not match the upstream {filename} (sha256 {digest}, "
-                f"{len(data)} bytes; expected sha256 {url_info.checksum}, {url_info.size} bytes)"
+                f"{len(content)} bytes; expected sha256 {url_info.checksum}, {url_info.size} bytes)"
             )
         with open(os.path.join(staging_dir, filename), "wb") as f:
-            f.write(data)
+            f.write(content)
 
 
 def _reachable(urls: Sequence[str], timeout: float) -> tuple[bool, str]:
@@ -577,13 +577,18 @@ class _Records:
 
     def read_all(self, indices: np.ndarray, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`read`, decoding chunks in parallel threads (decoders release the GIL)."""
-        chunks = np.array_split(np.asarray(indices), max(1, -(-len(indices) // 2048)))
+        indices = np.asarray(indices, np.int64)
+        images = np.empty((len(indices), *self._image_shape), np.uint8)
+        labels = np.empty((len(indices),), np.int32)
+        starts = range(0, len(indices), 2048)
+
+        def read_chunk(start: int) -> None:
+            stop = start + 2048
+            images[start:stop], labels[start:stop] = self.read(indices[start:stop])
+
         with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-            parts = list(pool.map(self.read, chunks))
-        return (
-            np.concatenate([p[0] for p in parts]) if parts else np.empty((0,), np.uint8),
-            np.concatenate([p[1] for p in parts]) if parts else np.empty((0,), np.int32),
-        )
+            list(pool.map(read_chunk, starts))
+        return images, labels
 
 
 class _InMemoryShard:
