@@ -143,7 +143,7 @@ def main() -> None:
                 line += (
                     f"; train step ({model_name}): {train:,.0f} images/s, ratio {aug / train:.1f}x"
                 )
-        print(line)
+        print(line, flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or tmp
@@ -157,7 +157,7 @@ def main() -> None:
             )
             key = f"host_fashion_mnist_{'in_memory' if in_memory else 'streamed'}"
             results[key] = bench_host(loader, args.host_batches)
-            print(f"{key}: {results[key]:,.0f} images/s")
+            print(f"{key}: {results[key]:,.0f} images/s", flush=True)
 
     import tensorflow_datasets as tfds
 
@@ -165,7 +165,7 @@ def main() -> None:
         loader = data.make_pretrain_loader("cifar10", global_batch_size=BATCH, seed=0)
         key = "host_cifar10_mocked_in_memory"
         results[key] = bench_host(loader, args.host_batches)
-        print(f"{key}: {results[key]:,.0f} images/s")
+        print(f"{key}: {results[key]:,.0f} images/s", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "bench_data.json")

@@ -19,11 +19,14 @@ imagenet100    ``imagenet100`` (below)     100      train                train /
 
 Getting the data:
 
-* ``fashion_mnist`` is the embedded default and works offline with no flags: when it is not
-  prepared yet, the four original IDX ``.gz`` files are rebuilt from Debian's
-  ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``, or ``local_dir=``),
-  checked against the sha256 sums TFDS records for the upstream downloads, and handed to TFDS,
-  which checks them again while it prepares the dataset. Without them TFDS downloads the files.
+* ``fashion_mnist`` is the embedded default and works offline with no flags. When it is not
+  prepared yet, the four original IDX ``.gz`` files are first rebuilt from Debian's
+  ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``, or ``local_dir=``):
+  Debian's files hold the upstream deflate streams with a shorter gzip header, and restoring the
+  header gives the upstream files byte for byte. They are checked against the sha256 sums TFDS
+  records for the downloads, then handed to TFDS, which checks them again while preparing. As
+  the bytes are identical, the prepared dataset is the one a download gives. Without a usable
+  local copy, TFDS downloads the files; with neither, the loaders fail within seconds.
 * ``cifar10``, ``cifar100``, ``stl10`` are downloaded by TFDS on first use. Offline, prepare them
   on a machine with internet access (``tfds build cifar10 --file_format=array_record
   --data_dir=DIR``) and copy ``DIR`` over.
@@ -32,11 +35,11 @@ Getting the data:
   downloaded automatically: register at https://image-net.org, download
   ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` into
   ``<data_dir>/downloads/manual/`` (the place TFDS's ``imagenet2012`` uses), and the first call
-  prepares only the 100 classes (about 127k training and 5k validation images). Images are
-  stored as decoded JPEGs of any size; the loader resizes the shorter side to 256 and keeps the
-  centre 256x256 square, in which the on-device random-resized crop then works. Its training
-  split (about 25 GB as uint8 at 256x256) is streamed, not held in memory: evaluate on it with
-  ``make_pretrain_loader(..., splits=("train",), shuffle=False, num_epochs=1,
+  prepares only the 100 classes (about 127k training and 5k validation images). TFDS keeps
+  the JPEGs at their original sizes; the loader decodes them, resizes the shorter side to 256
+  and keeps the centre 256x256 square, inside which the on-device random-resized crop works.
+  Its training split (about 25 GB as uint8 at 256x256) is streamed, not held in memory:
+  evaluate on it with ``make_pretrain_loader(..., splits=("train",), shuffle=False, num_epochs=1,
   drop_remainder=False)``.
 
 Preparing a dataset needs TensorFlow (``tensorflow-cpu``); reading one does not.
