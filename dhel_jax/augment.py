@@ -429,7 +429,11 @@ def _view_config(
 ) -> _ViewConfig:
     _check_images(images, fn)
     _, height, width, channels = images.shape
-    if not isinstance(jitter_strength, (int, float)) or not 0 <= jitter_strength <= 2.5:
+    if (
+        isinstance(jitter_strength, bool)
+        or not isinstance(jitter_strength, (int, float))
+        or not 0 <= jitter_strength <= 2.5
+    ):
         raise ValueError(
             f"{fn}: jitter_strength must be a float in [0, 2.5] (hue shift 0.2 s <= 0.5); got "
             f"jitter_strength = {jitter_strength!r}."
@@ -496,22 +500,6 @@ def _views(images: jax.Array, key: jax.Array, cfg: _ViewConfig, num_views: int) 
     return tuple(one_batch(x, jax.random.split(k, batch)) for k in view_keys)
 
 
-_VIEW_KWARGS: dict[str, Any] = dict(
-    out_size=None,
-    crop_scale=(0.08, 1.0),
-    crop_ratio=(3 / 4, 4 / 3),
-    flip_prob=0.5,
-    jitter_strength=0.5,
-    jitter_prob=0.8,
-    grayscale_prob=0.2,
-    blur_prob=0.0,
-    blur_sigma=(0.1, 2.0),
-    solarize_prob=0.0,
-    mean=None,
-    std=None,
-)
-
-
 def augment(
     images: jax.Array,
     key: jax.Array,
@@ -549,8 +537,22 @@ def augment(
     Returns:
       float32 ``[B, S_h, S_w, C]``: in [0, 1] before normalisation.
     """
-    kwargs = {k: v for k, v in locals().items() if k in _VIEW_KWARGS}
-    cfg = _view_config(images, "augment", **kwargs)
+    cfg = _view_config(
+        images,
+        "augment",
+        out_size=out_size,
+        crop_scale=crop_scale,
+        crop_ratio=crop_ratio,
+        flip_prob=flip_prob,
+        jitter_strength=jitter_strength,
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_prob=blur_prob,
+        blur_sigma=blur_sigma,
+        solarize_prob=solarize_prob,
+        mean=mean,
+        std=std,
+    )
     return _views(images, key, cfg, 1)[0]
 
 
@@ -576,8 +578,22 @@ def two_views(
     Arguments as :func:`augment`. Returns two float32 ``[B, S_h, S_w, C]`` arrays; row ``i`` of
     the second is the positive of row ``i`` of the first.
     """
-    kwargs = {k: v for k, v in locals().items() if k in _VIEW_KWARGS}
-    cfg = _view_config(images, "two_views", **kwargs)
+    cfg = _view_config(
+        images,
+        "two_views",
+        out_size=out_size,
+        crop_scale=crop_scale,
+        crop_ratio=crop_ratio,
+        flip_prob=flip_prob,
+        jitter_strength=jitter_strength,
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_prob=blur_prob,
+        blur_sigma=blur_sigma,
+        solarize_prob=solarize_prob,
+        mean=mean,
+        std=std,
+    )
     first, second = _views(images, key, cfg, 2)
     return first, second
 
