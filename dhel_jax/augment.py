@@ -246,7 +246,7 @@ def _hsv_adjust(x: jax.Array, saturation_factor: jax.Array, hue_delta: jax.Array
 
 def _jitter_in_order(
     x: jax.Array,
-    factors: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    factors: Sequence[jax.Array],
     order: jax.Array,
     use_hsv: bool,
 ) -> jax.Array:
@@ -338,7 +338,7 @@ _JITTER_UNIFORMS = 8
 
 def _jitter_params(
     u: jax.Array, brightness: float, contrast: float, saturation: float, hue: float
-) -> tuple[tuple[jax.Array, ...], jax.Array]:
+) -> tuple[Sequence[jax.Array], jax.Array]:
     """Jitter factors and a uniformly random order from ``_JITTER_UNIFORMS`` U[0, 1) numbers."""
 
     def factor(v: jax.Array, strength: float) -> jax.Array:

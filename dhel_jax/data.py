@@ -230,7 +230,7 @@ def _imagenet100_builder_class() -> type:
 
     classes = frozenset(IMAGENET100_CLASSES)
 
-    class Imagenet100(imagenet2012.Builder, skip_registration=True):
+    class Imagenet100(imagenet2012.Builder, skip_registration=True):  # type: ignore[call-arg]
         """ImageNet-100 (CMC's class subset) built from the manually downloaded ILSVRC-2012 tars."""
 
         VERSION = tfds.core.Version("1.0.0")
@@ -536,7 +536,7 @@ def _fit_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    pil = pil.resize((new_w, new_h), Image.BILINEAR)
+    pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
     out = np.asarray(pil).reshape(new_h, new_w, channels)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return out[top : top + height, left : left + width]
