@@ -81,35 +81,19 @@ def _dot_nn(g: Array, b: Array) -> Array:
     return lax.dot_general(g, b.astype(g.dtype), (((1,), (0,)), ((), ())), precision=precision)
 
 
-@jax.custom_vjp
-def _self_dot(x: Array) -> Array:
-    return _dot_nt(x, x)
-
-
-def _self_dot_fwd(x):
-    return _dot_nt(x, x), x
-
-
-def _self_dot_bwd(x, g):
-    # d(x x^T) = dx x^T + x dx^T  =>  x_bar = (g + g^T) x: one matmul, not two.
-    return (_dot_nn(g + g.T, x).astype(x.dtype),)
-
-
-_self_dot.defvjp(_self_dot_fwd, _self_dot_bwd)
-
-
 def sq_norms(x: Array) -> Array:
     """Squared row norms ``|x_i|^2`` in the accumulation dtype, shape (n,)."""
     xf = x.astype(accumulation_dtype(x.dtype))
     return jnp.sum(xf * xf, axis=-1)
 
 
-def _tile_values(s, sa, sb, f, params, argument, mask):
-    """Applies ``f`` to a tile of dot products ``s``; excluded entries are made safe."""
+def _tile_input(s, sa, sb, argument, mask):
+    """The argument of ``f`` on a tile: dot products or clipped squared distances, with a safe
+    dummy at excluded entries. Also returns the unclipped squared distances (or None)."""
     if argument == "dot":
-        return f(jnp.where(mask, s, 0.0), params)
-    r2 = jnp.maximum(sa[:, None] + sb[None, :] - 2.0 * s, 0.0)
-    return f(jnp.where(mask, r2, _SAFE_SQDIST), params)
+        return jnp.where(mask, s, 0.0), None
+    r2_raw = sa[:, None] + sb[None, :] - 2.0 * s
+    return jnp.where(mask, jnp.maximum(r2_raw, 0.0), _SAFE_SQDIST), r2_raw
 
 
 def _mask(cols: Array, exclude: tuple[Array, ...], row_valid=None, col_valid=None) -> Array:
@@ -127,21 +111,102 @@ def _mask(cols: Array, exclude: tuple[Array, ...], row_valid=None, col_valid=Non
     return mask
 
 
+def _row_weights(vals, mask, reduce, red, g, axis):
+    """Cotangent reaching ``vals`` from the row reductions ``red`` with cotangent ``g``;
+    ``axis=1`` for the tile's rows, ``axis=0`` for its columns (the transposed entries of a
+    symmetric matrix)."""
+    expand = (lambda v: v[:, None]) if axis == 1 else (lambda v: v[None, :])
+    if reduce == "lse":
+        w = expand(g) * jnp.exp(vals - expand(red))
+    else:
+        w = jnp.broadcast_to(expand(g), vals.shape)
+    return jnp.where(mask, w, 0.0)
+
+
+def _tile_cotangent(x, r2_raw, f, params, w, acc):
+    """Elementwise ``f'(x) * w`` (the cotangent of the tile's argument), zero where squared
+    distances were clipped, and the cotangent of ``params``: ``sum w * df/dparams``."""
+    fx = lambda t, p: f(t, p).astype(acc)
+    _, fprime = jax.jvp(lambda t: fx(t, params), (x,), (jnp.ones_like(x),))
+    x_bar = fprime * w
+    if r2_raw is not None:
+        x_bar = jnp.where(r2_raw > 0.0, x_bar, 0.0)
+    return x_bar
+
+
+def _params_cotangent(x, f, params, w, acc):
+    _, vjp = jax.vjp(lambda p: f(x, p).astype(acc), params)
+    return vjp(w)[0]
+
+
+def _reduce_rows(vals, mask, reduce):
+    if reduce == "lse":
+        masked = jnp.where(mask, vals, -jnp.inf)
+        return jax.nn.logsumexp(masked, axis=1), jnp.max(masked, axis=1)
+    return jnp.sum(jnp.where(mask, vals, 0.0), axis=1), jnp.zeros(vals.shape[:1], vals.dtype)
+
+
 # --------------------------------------------------------------------------- dense
 
 
 def _dense(a, b, f, params, reduce, argument, exclude):
-    s = _self_dot(a) if b is None else _dot_nt(a, b)
-    b = a if b is None else b
-    cols = jnp.arange(b.shape[0])
-    mask = _mask(cols, exclude, row_valid=jnp.ones((a.shape[0],), bool))
+    """Candidates ``b`` distinct from the anchors: XLA differentiates the (m, n) tile."""
+    s = _dot_nt(a, b)
+    mask = _mask(jnp.arange(b.shape[0]), exclude, row_valid=jnp.ones((a.shape[0],), bool))
+    sa, sb = (sq_norms(a), sq_norms(b)) if argument == "sqdist" else (None, None)
+    x, _ = _tile_input(s, sa, sb, argument, mask)
+    red, rowmax = _reduce_rows(f(x, params), mask, reduce)
+    return red, (lax.stop_gradient(rowmax) if reduce == "lse" else None)
+
+
+def _dense_self_forward(a, params, exclude, f, reduce, argument):
+    acc = accumulation_dtype(a.dtype)
+    s = _dot_nt(a, a)
+    mask = _mask(jnp.arange(a.shape[0]), exclude, row_valid=jnp.ones((a.shape[0],), bool))
     sa = sq_norms(a) if argument == "sqdist" else None
-    sb = sq_norms(b) if argument == "sqdist" else None
-    vals = _tile_values(s, sa, sb, f, params, argument, mask)
-    if reduce == "lse":
-        masked = jnp.where(mask, vals, -jnp.inf)
-        return jax.nn.logsumexp(masked, axis=1), lax.stop_gradient(jnp.max(masked, axis=1))
-    return jnp.sum(jnp.where(mask, vals, 0.0), axis=1), None
+    x, r2_raw = _tile_input(s, sa, sa, argument, mask)
+    vals = f(x, params).astype(acc)
+    return _reduce_rows(vals, mask, reduce), (s, mask, x, r2_raw, vals)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _dense_self(a, params, exclude, f, reduce, argument):
+    (red, rowmax), _ = _dense_self_forward(a, params, exclude, f, reduce, argument)
+    return red, rowmax
+
+
+def _dense_self_fwd(a, params, exclude, f, reduce, argument):
+    (red, rowmax), (s, *_) = _dense_self_forward(a, params, exclude, f, reduce, argument)
+    return (red, rowmax), (a, params, exclude, red, s)
+
+
+def _dense_self_bwd(f, reduce, argument, res, cts):
+    """Self-similarity ``x x^T`` is symmetric, and so is the exclusion mask (the anchor
+    itself, its positive), so the two cotangents reaching a_i (as row i and as column i) add
+    up entrywise: ``Q_ij = f'(x_ij) (w_ij + w_ji)`` with ``w_ji`` computed from row j's
+    statistics on the same entry. One fused elementwise pass and one matmul ``Q a``, instead
+    of autodiff's two matmuls and an (M, M) transpose."""
+    a, params, exclude, red, s = res
+    g, _ = cts  # the row maximum is a statistic for logging: no gradient.
+    acc = accumulation_dtype(a.dtype)
+    mask = _mask(jnp.arange(a.shape[0]), exclude, row_valid=jnp.ones((a.shape[0],), bool))
+    sa = sq_norms(a) if argument == "sqdist" else None
+    x, r2_raw = _tile_input(s, sa, sa, argument, mask)
+    vals = f(x, params).astype(acc)
+    g = g.astype(acc)
+    w_rows = _row_weights(vals, mask, reduce, red, g, axis=1)
+    w_cols = _row_weights(vals, mask, reduce, red, g, axis=0)
+    q = _tile_cotangent(x, r2_raw, f, params, w_rows + w_cols, acc)
+    p_bar = _params_cotangent(x, f, params, w_rows, acc)
+    a_f = a.astype(acc)
+    if argument == "dot":
+        ga = _dot_nn(q, a_f)
+    else:
+        ga = 2.0 * (jnp.sum(q, axis=1)[:, None] * a_f - _dot_nn(q, a_f))
+    return ga.astype(a.dtype), p_bar, tuple(None for _ in exclude)
+
+
+_dense_self.defvjp(_dense_self_fwd, _dense_self_bwd)
 
 
 # --------------------------------------------------------------------------- tiled
@@ -209,8 +274,8 @@ def _tiled_forward(a, b, params, exclude, f, reduce, argument, block):
             jb, b_blk, sb_blk = cargs
             cols = jb * block + local
             mask = _mask(cols, ex_blk, row_valid, cols < n)
-            s = _dot_nt(a_blk, b_blk)
-            vals = _tile_values(s, sa_blk, sb_blk, f, params, argument, mask).astype(acc)
+            x, _ = _tile_input(_dot_nt(a_blk, b_blk), sa_blk, sb_blk, argument, mask)
+            vals = f(x, params).astype(acc)
             if reduce == "sum":
                 return carry + jnp.sum(jnp.where(mask, vals, 0.0), axis=1), None
             masked = jnp.where(mask, vals, -jnp.inf)
@@ -233,7 +298,10 @@ def _tiled_forward(a, b, params, exclude, f, reduce, argument, block):
     return red.reshape(-1)[:m], rowmax.reshape(-1)[:m]
 
 
-def _tiled_backward(a, b, params, exclude, red, g, f, reduce, argument, block):
+def _tiled_backward(a, b, params, exclude, red, g, f, reduce, argument, block, symmetric):
+    """Recomputes each tile. With ``symmetric`` (b is a, symmetric exclusions) the tile's
+    cotangent already holds both the row and the column contribution to a (see
+    ``_dense_self_bwd``), so each tile needs one matmul instead of two and b gets none."""
     m, n, d = a.shape[0], b.shape[0], a.shape[1]
     acc = accumulation_dtype(a.dtype)
     a_t, b_t = _tiles(a, block), _tiles(b, block)
@@ -252,65 +320,65 @@ def _tiled_backward(a, b, params, exclude, red, g, f, reduce, argument, block):
 
         def col_step(ccarry, cargs):
             ga_acc, pc_acc = ccarry
-            jb, b_blk, sb_blk = cargs
+            jb, b_blk, sb_blk, red_col, g_col = cargs
             cols = jb * block + local
             mask = _mask(cols, ex_blk, row_valid, cols < n)
-            s = _dot_nt(a_blk, b_blk)
-            if argument == "dot":
-                x = jnp.where(mask, s, 0.0)
-            else:
-                r2_raw = sa_blk[:, None] + sb_blk[None, :] - 2.0 * s
-                x = jnp.where(mask, jnp.maximum(r2_raw, 0.0), _SAFE_SQDIST)
-            vals, f_vjp = jax.vjp(lambda t, p: f(t, p).astype(acc), x, params)
-            if reduce == "lse":
-                w = jnp.where(mask, jnp.exp(vals - red_blk[:, None]), 0.0) * g_blk[:, None]
-            else:
-                w = jnp.where(mask, g_blk[:, None], 0.0)
-            x_bar, p_bar = f_vjp(w)
-            x_bar = jnp.where(mask, x_bar, 0.0)
+            x, r2_raw = _tile_input(_dot_nt(a_blk, b_blk), sa_blk, sb_blk, argument, mask)
+            vals = f(x, params).astype(acc)
+            w = _row_weights(vals, mask, reduce, red_blk, g_blk, axis=1)
+            pc_acc = jax.tree.map(jnp.add, pc_acc, _params_cotangent(x, f, params, w, acc))
+            if symmetric:
+                w = w + _row_weights(vals, mask, reduce, red_col, g_col, axis=0)
+            x_bar = _tile_cotangent(x, r2_raw, f, params, w, acc)
             b_f = b_blk.astype(acc)
             if argument == "dot":
                 ga = _dot_nn(x_bar, b_f)
-                gb = _dot_nn(x_bar.T, a_f)
-            else:
-                # r2 = |a|^2 + |b|^2 - 2 a.b, clipped at 0.
-                x_bar = jnp.where(r2_raw > 0.0, x_bar, 0.0)
+                gb = None if symmetric else _dot_nn(x_bar.T, a_f)
+            else:  # r2 = |a|^2 + |b|^2 - 2 a.b
                 ga = 2.0 * (jnp.sum(x_bar, axis=1)[:, None] * a_f - _dot_nn(x_bar, b_f))
-                gb = 2.0 * (jnp.sum(x_bar, axis=0)[:, None] * b_f - _dot_nn(x_bar.T, a_f))
-            pc_acc = jax.tree.map(jnp.add, pc_acc, p_bar)
+                gb = (
+                    None
+                    if symmetric
+                    else 2.0 * (jnp.sum(x_bar, axis=0)[:, None] * b_f - _dot_nn(x_bar.T, a_f))
+                )
             return (ga_acc + ga, pc_acc), gb
 
+        # Column statistics are only read in the symmetric case (then b is a).
+        col_stats = (red_t, g_t) if symmetric else (sb_t, sb_t)
         (ga_blk, p_acc), gb_tiles = lax.scan(
             col_step,
             (jnp.zeros((block, d), acc) + zero, p_acc),
-            (jnp.arange(b_t.shape[0]), b_t, sb_t),
+            (jnp.arange(b_t.shape[0]), b_t, sb_t, *col_stats),
         )
-        return (gb_acc + gb_tiles.reshape(-1, d), p_acc), ga_blk
+        if not symmetric:
+            gb_acc = gb_acc + gb_tiles.reshape(-1, d)
+        return (gb_acc, p_acc), ga_blk
 
+    gb_init = jnp.zeros((0 if symmetric else b_t.shape[0] * block, d), acc) + zero
     (gb_full, p_bar), ga_tiles = lax.scan(
-        row_step,
-        (jnp.zeros((b_t.shape[0] * block, d), acc) + zero, p_zero),
-        (jnp.arange(a_t.shape[0]), a_t, sa_t, ex_t, red_t, g_t),
+        row_step, (gb_init, p_zero), (jnp.arange(a_t.shape[0]), a_t, sa_t, ex_t, red_t, g_t)
     )
     ga = ga_tiles.reshape(-1, d)[:m].astype(a.dtype)
-    gb = gb_full[:n].astype(b.dtype)
+    gb = jnp.zeros_like(b) if symmetric else gb_full[:n].astype(b.dtype)
     return ga, gb, p_bar
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _tiled(a, b, params, exclude, f, reduce, argument, block):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _tiled(a, b, params, exclude, f, reduce, argument, block, symmetric):
     return _tiled_forward(a, b, params, exclude, f, reduce, argument, block)
 
 
-def _tiled_fwd(a, b, params, exclude, f, reduce, argument, block):
+def _tiled_fwd(a, b, params, exclude, f, reduce, argument, block, symmetric):
     red, rowmax = _tiled_forward(a, b, params, exclude, f, reduce, argument, block)
     return (red, rowmax), (a, b, params, exclude, red)
 
 
-def _tiled_bwd(f, reduce, argument, block, res, cts):
+def _tiled_bwd(f, reduce, argument, block, symmetric, res, cts):
     a, b, params, exclude, red = res
     g, _ = cts  # the row maximum is a statistic for logging: no gradient.
-    ga, gb, p_bar = _tiled_backward(a, b, params, exclude, red, g, f, reduce, argument, block)
+    ga, gb, p_bar = _tiled_backward(
+        a, b, params, exclude, red, g, f, reduce, argument, block, symmetric
+    )
     p_bar = jax.tree.map(_match_varying, p_bar, params)
     return _match_varying(ga, a), _match_varying(gb, b), p_bar, tuple(None for _ in exclude)
 
@@ -336,7 +404,9 @@ def pairwise_reduce(
 
     Args:
       a: anchor rows, shape (m, d).
-      b: candidate rows, shape (n, d); ``None`` means ``b = a`` (self-similarity).
+      b: candidate rows, shape (n, d); ``None`` means ``b = a`` (self-similarity), which
+        requires a symmetric exclusion pattern (j excluded from row i iff i from row j, true
+        for the anchor itself and its positive) and enables a cheaper backward pass.
       f: elementwise ``f(x, params)`` applied to ``x_ij = a_i . b_j``
         (``argument="dot"``) or to ``x_ij = |a_i - b_j|^2``
         (``argument="sqdist"``); differentiable and NaN-free at ``x = 1``.
@@ -352,10 +422,14 @@ def pairwise_reduce(
       and for ``"lse"`` the (gradient-free) row maxima of ``f``, else ``None``.
     """
     exclude = tuple(jnp.asarray(ids, jnp.int32) for ids in exclude)
+    symmetric = b is None
     if block_size is None:
-        return _dense(a, b, f, params, reduce, argument, exclude)
-    b = a if b is None else b
-    red, rowmax = _tiled(a, b, params, exclude, f, reduce, argument, int(block_size))
+        if not symmetric:
+            return _dense(a, b, f, params, reduce, argument, exclude)
+        red, rowmax = _dense_self(a, params, exclude, f, reduce, argument)
+    else:
+        b = a if symmetric else b
+        red, rowmax = _tiled(a, b, params, exclude, f, reduce, argument, int(block_size), symmetric)
     return red, (lax.stop_gradient(rowmax) if reduce == "lse" else None)
 
 
