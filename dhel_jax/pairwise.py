@@ -436,27 +436,43 @@ def pairwise_reduce(
 # --------------------------------------------------------------------------- sharding
 
 
+def _explicit_mesh(args) -> object | None:
+    """The abstract mesh with Explicit axes that the inputs live on, if any: the ambient mesh
+    (``jax.set_mesh``) or the mesh of an input's sharding."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if getattr(mesh, "explicit_axes", ()):
+        return mesh
+    for leaf in jax.tree.leaves(args):
+        sharding = getattr(jax.typeof(leaf), "sharding", None) if hasattr(leaf, "shape") else None
+        mesh = getattr(sharding, "mesh", None)
+        mesh = getattr(mesh, "abstract_mesh", mesh)
+        if getattr(mesh, "explicit_axes", ()):
+            return mesh
+    return None
+
+
 def partition_explicit_axes(fn: Callable) -> Callable:
     """Lets a global-batch loss or metric take arrays sharded over *Explicit* mesh axes.
 
-    Under ``jax.set_mesh`` with Explicit axes (``jax.make_mesh``'s default), JAX
-    refuses to infer the layout of an (M, M) product of two row-sharded
-    operands. The wrapped function runs those axes in Auto mode instead, so
-    XLA partitions the similarity blocks exactly as it does for ``jax.jit`` on
-    ``NamedSharding`` inputs, and returns replicated outputs. Outside an
-    Explicit mesh (including inside ``shard_map``) it is a plain call.
+    With Explicit axes (``jax.make_mesh``'s default), JAX refuses to infer the
+    layout of an (M, M) product of two row-sharded operands. The wrapped
+    function runs those axes in Auto mode instead, so XLA partitions the
+    similarity blocks exactly as it does for ``jax.jit`` on ``NamedSharding``
+    inputs, and returns replicated outputs; gradients keep the inputs'
+    sharding. Without Explicit axes (including inside ``shard_map``) it is a
+    plain call.
     """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        mesh = jax.sharding.get_abstract_mesh()
-        explicit = tuple(getattr(mesh, "explicit_axes", ()) or ())
-        if not explicit:
+        mesh = _explicit_mesh(args)
+        if mesh is None:
             return fn(*args, **kwargs)
         call = lambda *a: fn(*a, **kwargs)
-        return jax.sharding.auto_axes(
-            call, axes=explicit, out_sharding=jax.sharding.PartitionSpec()
-        )(*args)
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.sharding.auto_axes(
+                call, axes=tuple(mesh.explicit_axes), out_sharding=jax.sharding.PartitionSpec()
+            )(*args)
 
     return wrapper
 
