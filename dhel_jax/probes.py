@@ -219,10 +219,10 @@ def fit_linear_probe(
     num_classes: int,
     l2_grid: Sequence[float] = DEFAULT_L2_GRID,
     val_fraction: float = 0.1,
-    max_search_examples: int | None = 16384,
+    max_search_examples: int | None = 10_000,
     seed: int = 0,
-    max_steps: int = 250,
-    tol: float = 1e-4,
+    max_steps: int = 300,
+    tol: float = 1e-3,
 ) -> LinearProbe:
     """Fits a multinomial logistic-regression probe, choosing ``l2`` on held-out data.
 
@@ -232,14 +232,19 @@ def fit_linear_probe(
 
     i.e. scikit-learn's ``LogisticRegression(C=1 / (l2 * N))``, intercept unpenalised.
 
-    Search: a seeded random ``val_fraction`` of the rows is held out, and the
-    probe is fitted on (up to ``max_search_examples`` of) the other rows for
-    each ``l2`` in ``l2_grid``, largest first, each fit warm-started from the
+    Search: with ``perm = jax.random.permutation(jax.random.key(seed), N)``, the
+    rows ``perm[:N_val]`` (``N_val = round(val_fraction * N)``) are held out and
+    the next ``min(max_search_examples, N - N_val)`` rows of ``perm`` are fitted
+    for each ``l2`` in ``l2_grid``, largest first, each fit warm-started from the
     previous one. The search fits keep the penalty's total weight ``l2 * N``
     (scikit-learn's ``1 / C``), as ``LogisticRegressionCV`` does across fold
     sizes. The ``l2`` with the best held-out accuracy is kept (ties go to the
     larger penalty) and the probe is refit on all N rows, warm-started from its
     search solution.
+
+    The defaults fit 60k x 512 features in seconds on a CPU: the held-out
+    accuracy settles long before the search fits converge tightly, so ``tol``
+    is loose and the search uses at most ``max_search_examples`` rows.
 
     Args:
       features: (N, F) floating train features.
