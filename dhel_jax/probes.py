@@ -35,13 +35,9 @@ from dhel_jax.pairwise import accumulation_dtype, l2_normalize
 
 Array = jax.Array
 
-# Log-spaced over the range where the best penalty of standardised SSL features
-# falls for 10^3-10^5 training examples; the search warm-starts from the largest.
+# Log-spaced from a penalty that underfits standardised features (1e-1) to nearly
+# none (1e-5 for N ~ 1e4-1e5). The search walks it from the largest value down.
 DEFAULT_L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
-
-# Features whose train standard deviation is below this are constant: they are
-# centred but not rescaled (scaling them would only amplify rounding noise).
-_MIN_SCALE = 1e-6
 
 
 # --------------------------------------------------------------------------- validation
@@ -151,10 +147,10 @@ def _lbfgs_solve(
     """Minimises ``mean_i CE_i + (l2 / 2) |W|^2`` by L-BFGS from (w0, b0).
 
     L-BFGS runs on ``V = P^-1 W`` with ``P = (Sigma / 4 + l2 I)^(-1/2)``, Sigma the
-    features' covariance: the Hessian of the objective is
-    ``E[p(1 - p) x x^T] + l2 I <= Sigma / 4 + l2 I``, so in V the problem is close
-    to isotropic and anisotropic features (typical of learned representations)
-    need several times fewer iterations. The minimiser is unchanged.
+    features' covariance. ``P^-2`` is a cheap stand-in for the Hessian
+    ``E[(diag(p) - p p^T) (x) x x^T] + l2 I`` (per class, ``p_c (1 - p_c) <= 1/4``),
+    which removes most of the feature anisotropy from the problem: 1.5-2x fewer
+    iterations on random projections of Fashion-MNIST. The minimiser is unchanged.
     Returns (W, b, iterations, gradient norm in W at the returned point).
     """
     tiny = jnp.finfo(x.dtype).eps * jnp.max(cov_eigvals)
@@ -200,7 +196,10 @@ def _lbfgs_solve(
 def _standardize(f: Array) -> tuple[Array, Array, Array, Array, Array]:
     mean = jnp.mean(f, axis=0)
     std = jnp.std(f, axis=0)
-    scale = jnp.where(std > _MIN_SCALE, std, 1.0)
+    # A standard deviation at rounding level marks a constant feature: it is centred
+    # but not rescaled, which would only amplify rounding noise (as StandardScaler).
+    constant = std <= 10 * jnp.finfo(f.dtype).eps * jnp.maximum(jnp.abs(mean), 1.0)
+    scale = jnp.where(constant, 1.0, std)
     x = (f - mean) / scale
     cov = jnp.dot(x.T, x, precision=lax.Precision.HIGHEST) / x.shape[0]
     eigvals, eigvecs = jnp.linalg.eigh(cov)
@@ -242,9 +241,9 @@ def fit_linear_probe(
     larger penalty) and the probe is refit on all N rows, warm-started from its
     search solution.
 
-    The defaults fit 60k x 512 features in seconds on a CPU: the held-out
-    accuracy settles long before the search fits converge tightly, so ``tol``
-    is loose and the search uses at most ``max_search_examples`` rows.
+    The defaults favour speed: held-out and test accuracies settle (to ~0.1
+    point) long before the gradient norm reaches float32 noise, so ``tol`` is
+    loose, and the search fits use at most ``max_search_examples`` rows.
 
     Args:
       features: (N, F) floating train features.
@@ -403,7 +402,7 @@ def _knn_chunks(
     def vote(chunk: Array) -> Array:
         sims = jnp.dot(chunk, train.T, precision=lax.Precision.HIGHEST)  # (chunk, N_train)
         # The barrier keeps XLA:CPU on its fast top-k kernel: fusing the consumers below
-        # into top_k makes it fall back to a full sort, ~50x slower at N_train = 60k.
+        # into top_k makes it fall back to a full sort, 30-60x slower at N_train = 60k.
         top_sims, top_idx = lax.optimization_barrier(lax.top_k(sims, k))
         # Shifting by each row's largest similarity leaves the argmax unchanged and
         # keeps exp() finite for any temperature.

@@ -72,10 +72,16 @@ def test_linear_probe_separable_reaches_99_percent(rng):
     means = 4.0 * rng.standard_normal((4, 16))
     x_train, y_train = _separable(rng, 800, means)
     x_test, y_test = _separable(rng, 400, means)
+    # A constant feature (zero variance) must not break the standardisation.
+    x_train, x_test = (
+        np.concatenate([x, np.full((len(x), 1), 5.0, x.dtype)], 1) for x in (x_train, x_test)
+    )
     probe = probes.fit_linear_probe(x_train, y_train, num_classes=4, max_search_examples=300)
-    chex.assert_shape(probe.weights, (16, 4))
+    chex.assert_shape(probe.weights, (17, 4))
     chex.assert_shape((probe.bias,), [(4,)])
-    chex.assert_shape((probe.mean, probe.scale), (16,))
+    chex.assert_shape((probe.mean, probe.scale), (17,))
+    assert probe.scale[-1] == 1.0 and probe.mean[-1] == pytest.approx(5.0)
+    assert np.all(np.isfinite(probe.weights))
     assert probe.l2 in probe.l2_grid
     assert len(probe.grid_val_accuracy) == len(probe.l2_grid)
     predictions = probes.predict_linear_probe(probe, x_test)
