@@ -35,8 +35,9 @@ eval: setup
 	.venv/bin/dhel-eval --workdir $(RUN)
 
 bench: setup
-	$(PY) -m pip install -q '.[bench]'
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_data.py
 
 lint: setup
 	.venv/bin/ruff check dhel_jax tests benchmarks configs
