@@ -44,3 +44,7 @@ lint: setup
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache
+
+notebooks: setup
+	$(PY) -m pip install -q jupyterlab
+	.venv/bin/jupyter lab notebooks/
