@@ -1,0 +1,617 @@
+"""SimCLR augmentations on the accelerator: pure, jittable, one PRNG key per example.
+
+The host pipeline (:mod:`dhel_jax.data`) only decodes; these functions run inside the jitted
+training step on uint8 batches ``[B, H, W, C]`` (``C`` = 1 or 3), each example drawing its own
+random parameters from its own key (``jax.vmap`` over ``jax.random.split(key, B)``).
+
+One view is, in SimCLR's order (Chen et al., 2020, appendix A):
+
+1. random resized crop: area fraction ``~ U(crop_scale)`` of the image, log aspect ratio
+   ``~ U(log crop_ratio)``, first of 10 draws that fits (else a centre crop), as torchvision's
+   ``RandomResizedCrop``; bilinear, antialiased resize to ``out_size``;
+2. horizontal flip with probability ``flip_prob``;
+3. colour jitter with probability ``jitter_prob``: brightness, contrast and saturation factors
+   ``~ U(max(0, 1 - 0.8 s), 1 + 0.8 s)`` and a hue shift ``~ U(-0.2 s, 0.2 s)`` (of the hue
+   circle) for strength ``s = jitter_strength``, applied in a random order, clipping to [0, 1]
+   after each (SimCLR v2's ``color_jitter_rand``: multiplicative brightness, contrast about the
+   per-channel mean, saturation and hue in HSV);
+4. grayscale with probability ``grayscale_prob`` (ITU-R 601 luma, kept as 3 channels);
+5. Gaussian blur with probability ``blur_prob`` (ImageNet-scale configs): sigma
+   ``~ U(blur_sigma)`` pixels, kernel side 10% of the view side;
+6. solarisation with probability ``solarize_prob`` (threshold 0.5);
+7. normalisation ``(x - mean) / std``, or none when ``mean``/``std`` are ``None``.
+
+Grayscale inputs (``C = 1``, Fashion-MNIST) have no saturation or hue, so their jitter is
+brightness and contrast in random order, and the grayscale step is a no-op.
+
+Every keyword argument is plain Python data (floats, ints, tuples), so a config can pass a dict
+of them through. Arithmetic is float32; outputs are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import dm_pix
+import jax
+import jax.numpy as jnp
+
+_SIMCLR_CROP_ATTEMPTS = 10
+_SOLARIZE_THRESHOLD = 0.5
+_BLUR_KERNEL_FRACTION = 0.1
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (trace time, static values only).
+
+
+def _pair(value: Any, name: str, fn: str, *, lo: float, hi: float | None = None) -> tuple:
+    try:
+        pair = tuple(float(v) for v in value)
+    except TypeError:
+        pair = ()
+    ok = len(pair) == 2 and lo < pair[0] <= pair[1] and (hi is None or pair[1] <= hi)
+    if not ok:
+        upper = f" <= {hi:g}" if hi is not None else ""
+        raise ValueError(
+            f"{fn}: {name} must be a pair (low, high) with {lo:g} < low <= high{upper}; "
+            f"got {name} = {value!r}."
+        )
+    return pair
+
+
+def _prob(value: Any, name: str, fn: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{fn}: {name} must be a probability in [0, 1]; got {name} = {value!r}.")
+    return float(value)
+
+
+def _size(value: Any, height: int, width: int, name: str, fn: str) -> tuple[int, int]:
+    if value is None:
+        return height, width
+    size = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    try:
+        size = tuple(size)
+    except TypeError:
+        size = ()
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) for s in size):
+        size = ()
+    if not size or min(size) < 1:
+        raise ValueError(
+            f"{fn}: {name} must be None, a positive int or a pair of positive ints (height, "
+            f"width); got {name} = {value!r}."
+        )
+    return size
+
+
+def _moments(value: Any, name: str, channels: int, fn: str, *, positive: bool) -> tuple | None:
+    if value is None:
+        return None
+    values = (value,) if isinstance(value, (int, float)) else value
+    try:
+        values = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        values = ()
+    if len(values) not in (1, channels) or (positive and min(values) <= 0):
+        need = "positive " if positive else ""
+        raise ValueError(
+            f"{fn}: {name} must be None or {need}floats, one or one per channel ({channels}); "
+            f"got {name} = {value!r}."
+        )
+    return values
+
+
+def _check_images(images: Any, fn: str) -> None:
+    shape, dtype = getattr(images, "shape", None), getattr(images, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"{fn}: images must be an array [B, H, W, C]; got {type(images)!r}.")
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ValueError(
+            f"{fn}: images must have shape [B, H, W, C] with C = 1 (grayscale) or 3 (RGB); "
+            f"got shape {tuple(shape)}."
+        )
+    if dtype != jnp.uint8 and not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(
+            f"{fn}: images must be uint8 (0..255) or floating (in [0, 1]); got dtype {dtype}."
+        )
+
+
+def _to_unit_float(images: jax.Array) -> jax.Array:
+    if images.dtype == jnp.uint8:
+        return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+
+def _normalize(x: jax.Array, mean: tuple | None, std: tuple | None) -> jax.Array:
+    if mean is not None:
+        x = x - jnp.asarray(mean, jnp.float32)
+    if std is not None:
+        x = x / jnp.asarray(std, jnp.float32)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-image operations.
+
+
+_CROP_UNIFORMS = 2 * _SIMCLR_CROP_ATTEMPTS + 2
+
+
+def _uniform_int(u: jax.Array, high: jax.Array) -> jax.Array:
+    """An integer uniform on ``{0, ..., high - 1}`` from ``u ~ U[0, 1)``."""
+    return jnp.minimum(jnp.floor(u * high).astype(jnp.int32), high - 1)
+
+
+def _crop_box(
+    u: jax.Array, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> jax.Array:
+    """:func:`sample_crop_box` from ``_CROP_UNIFORMS`` independent U[0, 1) numbers ``u``."""
+    n = _SIMCLR_CROP_ATTEMPTS
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:n])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[n : 2 * n])
+    w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = jnp.argmax(fits)
+
+    # Fallback (static): the whole image, cropped to the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fallback_w, fallback_h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fallback_w, fallback_h = int(round(height * ratio[1])), height
+    else:
+        fallback_w, fallback_h = width, height
+    found = fits[first]
+    crop_h = jnp.where(found, h[first], fallback_h)
+    crop_w = jnp.where(found, w[first], fallback_w)
+    top = jnp.where(found, _uniform_int(u[2 * n], height - crop_h + 1), (height - fallback_h) // 2)
+    left = jnp.where(
+        found, _uniform_int(u[2 * n + 1], width - crop_w + 1), (width - fallback_w) // 2
+    )
+    return jnp.stack([top, left, crop_h, crop_w]).astype(jnp.int32)
+
+
+def sample_crop_box(
+    key: jax.Array,
+    height: int,
+    width: int,
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> jax.Array:
+    """Draws a random-resized-crop box for an image of ``height x width`` pixels.
+
+    torchvision's ``RandomResizedCrop.get_params``: up to 10 candidates with area
+    ``A ~ U(scale) * H * W`` and aspect ratio ``r = w / h`` with ``log r ~ U(log ratio)``,
+    ``w = round(sqrt(A r))``, ``h = round(sqrt(A / r))``; the first that fits is placed
+    uniformly at random, else the centre crop with the ratio clamped to ``ratio``.
+
+    Returns:
+      int32 ``[4]``: ``(top, left, crop_height, crop_width)``.
+    """
+    fn = "sample_crop_box"
+    scale = _pair(scale, "scale", fn, lo=0.0, hi=1.0)
+    ratio = _pair(ratio, "ratio", fn, lo=0.0)
+    return _crop_box(jax.random.uniform(key, (_CROP_UNIFORMS,)), height, width, scale, ratio)
+
+
+def crop_and_resize(image: jax.Array, box: jax.Array, *, out_size: tuple[int, int]) -> jax.Array:
+    """Resizes the ``box = (top, left, h, w)`` region of a float ``[H, W, C]`` image.
+
+    Bilinear with antialiasing (``jax.image.scale_and_translate``, pixel centres at half
+    integers): output pixel ``(y, x)`` samples the input at ``top + (y + 0.5) h / S_h - 0.5``.
+
+    Returns:
+      float ``[S_h, S_w, C]`` for ``out_size = (S_h, S_w)``.
+    """
+    out_h, out_w = out_size
+    box = jnp.asarray(box, jnp.float32)
+    top, left, crop_h, crop_w = box[0], box[1], box[2], box[3]
+    scale = jnp.stack([out_h / crop_h, out_w / crop_w])
+    translation = -jnp.stack([top, left]) * scale
+    return jax.image.scale_and_translate(
+        image,
+        (out_h, out_w, image.shape[-1]),
+        (0, 1),
+        scale,
+        translation,
+        method="linear",
+        antialias=True,
+    )
+
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
+"""Operation ids of the colour jitter, for ``apply_color_jitter(order=...)``."""
+
+
+def _clip(x: jax.Array) -> jax.Array:
+    return jnp.clip(x, 0.0, 1.0)
+
+
+def _hsv_adjust(x: jax.Array, saturation_factor: jax.Array, hue_delta: jax.Array) -> jax.Array:
+    """HSV ``S <- clip(S f)``, ``H <- (H + delta) mod 1``: ``dm_pix.adjust_saturation`` and
+    ``dm_pix.adjust_hue`` in one round trip (each is the identity at f = 1, delta = 0)."""
+    hue, saturation, value = jnp.moveaxis(dm_pix.rgb_to_hsv(x), -1, 0)
+    hsv = jnp.stack(
+        [(hue + hue_delta) % 1.0, jnp.clip(saturation * saturation_factor, 0.0, 1.0), value], -1
+    )
+    return dm_pix.hsv_to_rgb(hsv)
+
+
+def _jitter_in_order(
+    x: jax.Array,
+    factors: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    order: jax.Array,
+    use_hsv: bool,
+) -> jax.Array:
+    """Applies the four jitter operations in ``order``, clipping after each.
+
+    Only saturation and hue need an HSV round trip, so rather than evaluating every operation
+    at every position (what a vmapped ``lax.switch`` does), the two HSV steps are fixed slots
+    and brightness and contrast are placed, in their relative order, in the three gaps around
+    them: two HSV round trips per image instead of eight.
+    """
+    brightness, contrast, saturation, hue_delta = factors
+    position = jnp.argsort(order)  # position[op]: when op runs.
+    p_b, p_c, p_s, p_h = (
+        position[BRIGHTNESS],
+        position[CONTRAST],
+        position[SATURATION],
+        position[HUE],
+    )
+    if use_hsv:
+        gap_b = (p_s < p_b).astype(jnp.int32) + (p_h < p_b)
+        gap_c = (p_s < p_c).astype(jnp.int32) + (p_h < p_c)
+    else:
+        gap_b = gap_c = jnp.zeros((), jnp.int32)
+
+    def cheap_ops(x: jax.Array, gap: int) -> jax.Array:
+        in_b, in_c = gap_b == gap, gap_c == gap
+        b_first = in_b & (~in_c | (p_b < p_c))
+        x = jnp.where(b_first, _clip(x * brightness), x)
+        x = jnp.where(in_c, _clip(dm_pix.adjust_contrast(x, contrast)), x)
+        return jnp.where(in_b & ~b_first, _clip(x * brightness), x)
+
+    x = cheap_ops(x, 0)
+    if use_hsv:
+        saturation_first = p_s < p_h
+        one, zero = jnp.ones_like(saturation), jnp.zeros_like(hue_delta)
+        x = _clip(
+            _hsv_adjust(
+                x,
+                jnp.where(saturation_first, saturation, one),
+                jnp.where(saturation_first, zero, hue_delta),
+            )
+        )
+        x = cheap_ops(x, 1)
+        x = _clip(
+            _hsv_adjust(
+                x,
+                jnp.where(saturation_first, one, saturation),
+                jnp.where(saturation_first, hue_delta, zero),
+            )
+        )
+        x = cheap_ops(x, 2)
+    return x
+
+
+def apply_color_jitter(
+    image: jax.Array,
+    *,
+    brightness_factor: float | jax.Array = 1.0,
+    contrast_factor: float | jax.Array = 1.0,
+    saturation_factor: float | jax.Array = 1.0,
+    hue_delta: float | jax.Array = 0.0,
+    order: Sequence[int] | jax.Array = (BRIGHTNESS, CONTRAST, SATURATION, HUE),
+) -> jax.Array:
+    """Deterministic colour jitter of one float ``[H, W, C]`` image in [0, 1].
+
+    Runs, in ``order`` (a permutation of ``BRIGHTNESS, CONTRAST, SATURATION, HUE``), with
+    ``clip(., 0, 1)`` after each: brightness ``x f_b``; contrast ``f_c (x - mean_c) + mean_c``
+    (per-channel spatial mean, as ``tf.image.adjust_contrast``); saturation ``S <- clip(S f_s)``
+    and hue ``H <- (H + delta) mod 1`` in HSV. For ``C = 1`` saturation and hue do not apply.
+
+    Returns:
+      float32 ``[H, W, C]`` in [0, 1].
+    """
+    factors = tuple(
+        jnp.asarray(f, jnp.float32)
+        for f in (brightness_factor, contrast_factor, saturation_factor, hue_delta)
+    )
+    order = jnp.asarray(order, jnp.int32)
+    if order.shape != (4,):
+        raise ValueError(
+            f"apply_color_jitter: order must be a permutation of (0, 1, 2, 3); got shape "
+            f"{order.shape}."
+        )
+    return _jitter_in_order(image, factors, order, use_hsv=image.shape[-1] == 3)
+
+
+_JITTER_UNIFORMS = 8
+
+
+def _jitter_params(
+    u: jax.Array, brightness: float, contrast: float, saturation: float, hue: float
+) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Jitter factors and a uniformly random order from ``_JITTER_UNIFORMS`` U[0, 1) numbers."""
+
+    def factor(v: jax.Array, strength: float) -> jax.Array:
+        lo = max(0.0, 1.0 - strength)
+        return lo + (1.0 + strength - lo) * v
+
+    factors = (
+        factor(u[0], brightness),
+        factor(u[1], contrast),
+        factor(u[2], saturation),
+        hue * (2.0 * u[3] - 1.0),
+    )
+    # The ranks of i.i.d. uniforms form a uniformly random permutation.
+    return factors, jnp.argsort(u[4:8]).astype(jnp.int32)
+
+
+def color_jitter(
+    image: jax.Array,
+    key: jax.Array,
+    *,
+    brightness: float = 0.4,
+    contrast: float = 0.4,
+    saturation: float = 0.4,
+    hue: float = 0.1,
+) -> jax.Array:
+    """SimCLR's random colour jitter of one float ``[H, W, C]`` image in [0, 1].
+
+    Draws ``f_b, f_c, f_s ~ U(max(0, 1 - a), 1 + a)`` for ``a`` = brightness, contrast,
+    saturation, ``delta ~ U(-hue, hue)`` and a uniformly random order, then
+    :func:`apply_color_jitter`. A strength of 0 leaves its operation out.
+
+    Returns:
+      float32 ``[H, W, C]`` in [0, 1].
+    """
+    fn = "color_jitter"
+    for name, value in (
+        ("brightness", brightness),
+        ("contrast", contrast),
+        ("saturation", saturation),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{fn}: {name} must be a float >= 0; got {name} = {value!r}.")
+    if isinstance(hue, bool) or not isinstance(hue, (int, float)) or not 0 <= hue <= 0.5:
+        raise ValueError(f"{fn}: hue must be a float in [0, 0.5]; got hue = {hue!r}.")
+    factors, order = _jitter_params(
+        jax.random.uniform(key, (_JITTER_UNIFORMS,)), brightness, contrast, saturation, hue
+    )
+    use_hsv = image.shape[-1] == 3 and (saturation > 0 or hue > 0)
+    return _jitter_in_order(image, factors, order, use_hsv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched views.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ViewConfig:
+    out_size: tuple[int, int]
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    flip_prob: float
+    jitter_strength: float
+    jitter_prob: float
+    grayscale_prob: float
+    blur_prob: float
+    blur_sigma: tuple[float, float]
+    solarize_prob: float
+    mean: tuple | None
+    std: tuple | None
+
+
+def _view_config(
+    images: Any,
+    fn: str,
+    *,
+    out_size: int | Sequence[int] | None,
+    crop_scale: Sequence[float],
+    crop_ratio: Sequence[float],
+    flip_prob: float,
+    jitter_strength: float,
+    jitter_prob: float,
+    grayscale_prob: float,
+    blur_prob: float,
+    blur_sigma: Sequence[float],
+    solarize_prob: float,
+    mean: float | Sequence[float] | None,
+    std: float | Sequence[float] | None,
+) -> _ViewConfig:
+    _check_images(images, fn)
+    _, height, width, channels = images.shape
+    if not isinstance(jitter_strength, (int, float)) or not 0 <= jitter_strength <= 2.5:
+        raise ValueError(
+            f"{fn}: jitter_strength must be a float in [0, 2.5] (hue shift 0.2 s <= 0.5); got "
+            f"jitter_strength = {jitter_strength!r}."
+        )
+    return _ViewConfig(
+        out_size=_size(out_size, height, width, "out_size", fn),
+        crop_scale=_pair(crop_scale, "crop_scale", fn, lo=0.0, hi=1.0),
+        crop_ratio=_pair(crop_ratio, "crop_ratio", fn, lo=0.0),
+        flip_prob=_prob(flip_prob, "flip_prob", fn),
+        jitter_strength=float(jitter_strength),
+        jitter_prob=_prob(jitter_prob, "jitter_prob", fn),
+        grayscale_prob=_prob(grayscale_prob, "grayscale_prob", fn),
+        blur_prob=_prob(blur_prob, "blur_prob", fn),
+        blur_sigma=_pair(blur_sigma, "blur_sigma", fn, lo=0.0),
+        solarize_prob=_prob(solarize_prob, "solarize_prob", fn),
+        mean=_moments(mean, "mean", channels, fn, positive=False),
+        std=_moments(std, "std", channels, fn, positive=True),
+    )
+
+
+# Slices of the per-example uniforms: one threefry draw per example feeds every random choice.
+_U_CROP = slice(0, _CROP_UNIFORMS)
+_U_JITTER = slice(_U_CROP.stop, _U_CROP.stop + _JITTER_UNIFORMS)
+_U_FLIP, _U_JITTER_APPLY, _U_GRAY, _U_BLUR_SIGMA, _U_BLUR_APPLY, _U_SOLARIZE = range(
+    _U_JITTER.stop, _U_JITTER.stop + 6
+)
+_VIEW_UNIFORMS = _U_SOLARIZE + 1
+
+
+def _one_view(image: jax.Array, key: jax.Array, cfg: _ViewConfig) -> jax.Array:
+    """One augmented view of one float ``[H, W, C]`` image in [0, 1] (SimCLR's order)."""
+    height, width, channels = image.shape
+    u = jax.random.uniform(key, (_VIEW_UNIFORMS,))
+    box = _crop_box(u[_U_CROP], height, width, cfg.crop_scale, cfg.crop_ratio)
+    x = jnp.clip(crop_and_resize(image, box, out_size=cfg.out_size), 0.0, 1.0)
+    if cfg.flip_prob > 0:
+        x = jnp.where(u[_U_FLIP] < cfg.flip_prob, x[:, ::-1], x)
+    if cfg.jitter_prob > 0 and cfg.jitter_strength > 0:
+        s = cfg.jitter_strength
+        factors, order = _jitter_params(u[_U_JITTER], 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+        jittered = _jitter_in_order(x, factors, order, use_hsv=channels == 3)
+        x = jnp.where(u[_U_JITTER_APPLY] < cfg.jitter_prob, jittered, x)
+    if cfg.grayscale_prob > 0 and channels == 3:
+        gray = dm_pix.rgb_to_grayscale(x, keep_dims=True)
+        x = jnp.where(u[_U_GRAY] < cfg.grayscale_prob, gray, x)
+    if cfg.blur_prob > 0:
+        lo, hi = cfg.blur_sigma
+        sigma = lo + (hi - lo) * u[_U_BLUR_SIGMA]
+        kernel = max(3, int(_BLUR_KERNEL_FRACTION * min(cfg.out_size)))
+        blurred = dm_pix.gaussian_blur(x, sigma, kernel, padding="SAME")
+        x = jnp.where(u[_U_BLUR_APPLY] < cfg.blur_prob, blurred, x)
+    if cfg.solarize_prob > 0:
+        solarized = dm_pix.solarize(x, _SOLARIZE_THRESHOLD)
+        x = jnp.where(u[_U_SOLARIZE] < cfg.solarize_prob, solarized, x)
+    return _normalize(x, cfg.mean, cfg.std)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_views"))
+def _views(images: jax.Array, key: jax.Array, cfg: _ViewConfig, num_views: int) -> tuple:
+    x = _to_unit_float(images)
+    batch = images.shape[0]
+    one_batch = jax.vmap(functools.partial(_one_view, cfg=cfg))
+    return tuple(one_batch(x, jax.random.split(k, batch)) for k in jax.random.split(key, num_views))
+
+
+_VIEW_KWARGS: dict[str, Any] = dict(
+    out_size=None,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    flip_prob=0.5,
+    jitter_strength=0.5,
+    jitter_prob=0.8,
+    grayscale_prob=0.2,
+    blur_prob=0.0,
+    blur_sigma=(0.1, 2.0),
+    solarize_prob=0.0,
+    mean=None,
+    std=None,
+)
+
+
+def augment(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    out_size: int | Sequence[int] | None = None,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+    flip_prob: float = 0.5,
+    jitter_strength: float = 0.5,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    blur_prob: float = 0.0,
+    blur_sigma: Sequence[float] = (0.1, 2.0),
+    solarize_prob: float = 0.0,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> jax.Array:
+    """One SimCLR view of every image, each example with its own key (see the module docstring).
+
+    Args:
+      images: uint8 ``[B, H, W, C]`` (or floating in [0, 1]), ``C`` in {1, 3}.
+      key: a PRNG key; example ``i`` uses ``jax.random.split(key, B)[i]``.
+      out_size: view side ``S`` (int) or ``(S_h, S_w)``; ``None`` keeps ``(H, W)``.
+      crop_scale: range of the crop's area fraction.
+      crop_ratio: range of the crop's aspect ratio ``w / h``.
+      flip_prob: probability of a horizontal flip.
+      jitter_strength: colour-jitter strength ``s`` (0 disables the jitter).
+      jitter_prob: probability of applying the colour jitter.
+      grayscale_prob: probability of converting an RGB view to grayscale.
+      blur_prob: probability of a Gaussian blur.
+      blur_sigma: range of the blur's standard deviation, in pixels.
+      solarize_prob: probability of solarising.
+      mean, std: per-channel normalisation in [0, 1] pixel units (``None``: none).
+
+    Returns:
+      float32 ``[B, S_h, S_w, C]``: in [0, 1] before normalisation.
+    """
+    kwargs = {k: v for k, v in locals().items() if k in _VIEW_KWARGS}
+    cfg = _view_config(images, "augment", **kwargs)
+    return _views(images, key, cfg, 1)[0]
+
+
+def two_views(
+    images: jax.Array,
+    key: jax.Array,
+    *,
+    out_size: int | Sequence[int] | None = None,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
+    flip_prob: float = 0.5,
+    jitter_strength: float = 0.5,
+    jitter_prob: float = 0.8,
+    grayscale_prob: float = 0.2,
+    blur_prob: float = 0.0,
+    blur_sigma: Sequence[float] = (0.1, 2.0),
+    solarize_prob: float = 0.0,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Two independent SimCLR views of every image: ``augment`` with the two halves of ``key``.
+
+    Arguments as :func:`augment`. Returns two float32 ``[B, S_h, S_w, C]`` arrays; row ``i`` of
+    the second is the positive of row ``i`` of the first.
+    """
+    kwargs = {k: v for k, v in locals().items() if k in _VIEW_KWARGS}
+    cfg = _view_config(images, "two_views", **kwargs)
+    first, second = _views(images, key, cfg, 2)
+    return first, second
+
+
+def eval_transform(
+    images: jax.Array,
+    *,
+    out_size: int | Sequence[int] | None = None,
+    crop_fraction: float = 1.0,
+    mean: float | Sequence[float] | None = None,
+    std: float | Sequence[float] | None = None,
+) -> jax.Array:
+    """Deterministic evaluation view: centre crop, resize, normalise.
+
+    The centre ``round(crop_fraction * H) x round(crop_fraction * W)`` region is resized
+    (bilinear, antialiased) to ``out_size`` (``None``: the crop's size, i.e. no resize), then
+    ``(x - mean) / std``. With ``crop_fraction=1`` and ``out_size=None`` it only normalises.
+
+    Returns:
+      float32 ``[B, S_h, S_w, C]``.
+    """
+    fn = "eval_transform"
+    _check_images(images, fn)
+    _, height, width, channels = images.shape
+    if not isinstance(crop_fraction, (int, float)) or not 0 < crop_fraction <= 1:
+        raise ValueError(
+            f"{fn}: crop_fraction must be in (0, 1]; got crop_fraction = {crop_fraction!r}."
+        )
+    crop_h = max(1, round(crop_fraction * height))
+    crop_w = max(1, round(crop_fraction * width))
+    out_h, out_w = _size(out_size, crop_h, crop_w, "out_size", fn)
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    x = _to_unit_float(images[:, top : top + crop_h, left : left + crop_w])
+    if (out_h, out_w) != (crop_h, crop_w):
+        x = jax.image.resize(x, (x.shape[0], out_h, out_w, channels), "linear", antialias=True)
+    mean_ = _moments(mean, "mean", channels, fn, positive=False)
+    std_ = _moments(std, "std", channels, fn, positive=True)
+    return _normalize(x, mean_, std_)
