@@ -246,7 +246,7 @@ def _hsv_adjust(x: jax.Array, saturation_factor: jax.Array, hue_delta: jax.Array
 
 def _jitter_in_order(
     x: jax.Array,
-    factors: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    factors: Sequence[jax.Array],
     order: jax.Array,
     use_hsv: bool,
 ) -> jax.Array:
@@ -338,7 +338,7 @@ _JITTER_UNIFORMS = 8
 
 def _jitter_params(
     u: jax.Array, brightness: float, contrast: float, saturation: float, hue: float
-) -> tuple[tuple[jax.Array, ...], jax.Array]:
+) -> tuple[Sequence[jax.Array], jax.Array]:
     """Jitter factors and a uniformly random order from ``_JITTER_UNIFORMS`` U[0, 1) numbers."""
 
     def factor(v: jax.Array, strength: float) -> jax.Array:
@@ -429,7 +429,11 @@ def _view_config(
 ) -> _ViewConfig:
     _check_images(images, fn)
     _, height, width, channels = images.shape
-    if not isinstance(jitter_strength, (int, float)) or not 0 <= jitter_strength <= 2.5:
+    if (
+        isinstance(jitter_strength, bool)
+        or not isinstance(jitter_strength, (int, float))
+        or not 0 <= jitter_strength <= 2.5
+    ):
         raise ValueError(
             f"{fn}: jitter_strength must be a float in [0, 2.5] (hue shift 0.2 s <= 0.5); got "
             f"jitter_strength = {jitter_strength!r}."
@@ -492,23 +496,8 @@ def _views(images: jax.Array, key: jax.Array, cfg: _ViewConfig, num_views: int) 
     x = _to_unit_float(images)
     batch = images.shape[0]
     one_batch = jax.vmap(functools.partial(_one_view, cfg=cfg))
-    return tuple(one_batch(x, jax.random.split(k, batch)) for k in jax.random.split(key, num_views))
-
-
-_VIEW_KWARGS: dict[str, Any] = dict(
-    out_size=None,
-    crop_scale=(0.08, 1.0),
-    crop_ratio=(3 / 4, 4 / 3),
-    flip_prob=0.5,
-    jitter_strength=0.5,
-    jitter_prob=0.8,
-    grayscale_prob=0.2,
-    blur_prob=0.0,
-    blur_sigma=(0.1, 2.0),
-    solarize_prob=0.0,
-    mean=None,
-    std=None,
-)
+    view_keys = [key] if num_views == 1 else jax.random.split(key, num_views)
+    return tuple(one_batch(x, jax.random.split(k, batch)) for k in view_keys)
 
 
 def augment(
@@ -548,8 +537,22 @@ def augment(
     Returns:
       float32 ``[B, S_h, S_w, C]``: in [0, 1] before normalisation.
     """
-    kwargs = {k: v for k, v in locals().items() if k in _VIEW_KWARGS}
-    cfg = _view_config(images, "augment", **kwargs)
+    cfg = _view_config(
+        images,
+        "augment",
+        out_size=out_size,
+        crop_scale=crop_scale,
+        crop_ratio=crop_ratio,
+        flip_prob=flip_prob,
+        jitter_strength=jitter_strength,
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_prob=blur_prob,
+        blur_sigma=blur_sigma,
+        solarize_prob=solarize_prob,
+        mean=mean,
+        std=std,
+    )
     return _views(images, key, cfg, 1)[0]
 
 
@@ -570,13 +573,27 @@ def two_views(
     mean: float | Sequence[float] | None = None,
     std: float | Sequence[float] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Two independent SimCLR views of every image: ``augment`` with the two halves of ``key``.
+    """Two independent SimCLR views: ``augment`` with each key of ``jax.random.split(key)``.
 
     Arguments as :func:`augment`. Returns two float32 ``[B, S_h, S_w, C]`` arrays; row ``i`` of
     the second is the positive of row ``i`` of the first.
     """
-    kwargs = {k: v for k, v in locals().items() if k in _VIEW_KWARGS}
-    cfg = _view_config(images, "two_views", **kwargs)
+    cfg = _view_config(
+        images,
+        "two_views",
+        out_size=out_size,
+        crop_scale=crop_scale,
+        crop_ratio=crop_ratio,
+        flip_prob=flip_prob,
+        jitter_strength=jitter_strength,
+        jitter_prob=jitter_prob,
+        grayscale_prob=grayscale_prob,
+        blur_prob=blur_prob,
+        blur_sigma=blur_sigma,
+        solarize_prob=solarize_prob,
+        mean=mean,
+        std=std,
+    )
     first, second = _views(images, key, cfg, 2)
     return first, second
 

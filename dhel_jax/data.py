@@ -19,11 +19,14 @@ imagenet100    ``imagenet100`` (below)     100      train                train /
 
 Getting the data:
 
-* ``fashion_mnist`` is the embedded default and works offline with no flags: when it is not
-  prepared yet, the four original IDX ``.gz`` files are rebuilt from Debian's
-  ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``, or ``local_dir=``),
-  checked against the sha256 sums TFDS records for the upstream downloads, and handed to TFDS,
-  which checks them again while it prepares the dataset. Without them TFDS downloads the files.
+* ``fashion_mnist`` is the embedded default and works offline with no flags. When it is not
+  prepared yet, the four original IDX ``.gz`` files are first rebuilt from Debian's
+  ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``, or ``local_dir=``):
+  Debian's files hold the upstream deflate streams with a shorter gzip header, and restoring the
+  header gives the upstream files byte for byte. They are checked against the sha256 sums TFDS
+  records for the downloads, then handed to TFDS, which checks them again while preparing. As
+  the bytes are identical, the prepared dataset is the one a download gives. Without a usable
+  local copy, TFDS downloads the files; with neither, the loaders fail within seconds.
 * ``cifar10``, ``cifar100``, ``stl10`` are downloaded by TFDS on first use. Offline, prepare them
   on a machine with internet access (``tfds build cifar10 --file_format=array_record
   --data_dir=DIR``) and copy ``DIR`` over.
@@ -32,11 +35,11 @@ Getting the data:
   downloaded automatically: register at https://image-net.org, download
   ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` into
   ``<data_dir>/downloads/manual/`` (the place TFDS's ``imagenet2012`` uses), and the first call
-  prepares only the 100 classes (about 127k training and 5k validation images). Images are
-  stored as decoded JPEGs of any size; the loader resizes the shorter side to 256 and keeps the
-  centre 256x256 square, in which the on-device random-resized crop then works. Its training
-  split (about 25 GB as uint8 at 256x256) is streamed, not held in memory: evaluate on it with
-  ``make_pretrain_loader(..., splits=("train",), shuffle=False, num_epochs=1,
+  prepares only the 100 classes (about 127k training and 5k validation images). TFDS keeps
+  the JPEGs at their original sizes; the loader decodes them, resizes the shorter side to 256
+  and keeps the centre 256x256 square, inside which the on-device random-resized crop works.
+  Its training split (about 25 GB as uint8 at 256x256) is streamed, not held in memory:
+  evaluate on it with ``make_pretrain_loader(..., splits=("train",), shuffle=False, num_epochs=1,
   drop_remainder=False)``.
 
 Preparing a dataset needs TensorFlow (``tensorflow-cpu``); reading one does not.
@@ -227,7 +230,7 @@ def _imagenet100_builder_class() -> type:
 
     classes = frozenset(IMAGENET100_CLASSES)
 
-    class Imagenet100(imagenet2012.Builder, skip_registration=True):
+    class Imagenet100(imagenet2012.Builder, skip_registration=True):  # type: ignore[call-arg]
         """ImageNet-100 (CMC's class subset) built from the manually downloaded ILSVRC-2012 tars."""
 
         VERSION = tfds.core.Version("1.0.0")
@@ -341,15 +344,15 @@ def _stage_local_fashion_mnist(local_dir: str, url_infos: dict, staging_dir: str
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} does not exist")
         with open(path, "rb") as f:
-            data = _upstream_gzip(f.read(), filename)
-        digest = hashlib.sha256(data).hexdigest()
-        if len(data) != url_info.size or digest != url_info.checksum:
+            content = _upstream_gzip(f.read(), filename)
+        digest = hashlib.sha256(content).hexdigest()
+        if len(content) != url_info.size or digest != url_info.checksum:
             raise ValueError(
                 f"{path} does not match the upstream {filename} (sha256 {digest}, "
-                f"{len(data)} bytes; expected sha256 {url_info.checksum}, {url_info.size} bytes)"
+                f"{len(content)} bytes; expected sha256 {url_info.checksum}, {url_info.size} bytes)"
             )
         with open(os.path.join(staging_dir, filename), "wb") as f:
-            f.write(data)
+            f.write(content)
 
 
 def _reachable(urls: Sequence[str], timeout: float) -> tuple[bool, str]:
@@ -533,7 +536,7 @@ def _fit_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     scale = max(height / h, width / w)
     new_h, new_w = max(height, round(h * scale)), max(width, round(w * scale))
     pil = Image.fromarray(image[..., 0] if channels == 1 else image)
-    pil = pil.resize((new_w, new_h), Image.BILINEAR)
+    pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
     out = np.asarray(pil).reshape(new_h, new_w, channels)
     top, left = (new_h - height) // 2, (new_w - width) // 2
     return out[top : top + height, left : left + width]
@@ -577,13 +580,18 @@ class _Records:
 
     def read_all(self, indices: np.ndarray, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`read`, decoding chunks in parallel threads (decoders release the GIL)."""
-        chunks = np.array_split(np.asarray(indices), max(1, -(-len(indices) // 2048)))
+        indices = np.asarray(indices, np.int64)
+        images = np.empty((len(indices), *self._image_shape), np.uint8)
+        labels = np.empty((len(indices),), np.int32)
+        starts = range(0, len(indices), 2048)
+
+        def read_chunk(start: int) -> None:
+            stop = start + 2048
+            images[start:stop], labels[start:stop] = self.read(indices[start:stop])
+
         with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-            parts = list(pool.map(self.read, chunks))
-        return (
-            np.concatenate([p[0] for p in parts]) if parts else np.empty((0,), np.uint8),
-            np.concatenate([p[1] for p in parts]) if parts else np.empty((0,), np.int32),
-        )
+            list(pool.map(read_chunk, starts))
+        return images, labels
 
 
 class _InMemoryShard:

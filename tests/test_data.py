@@ -338,6 +338,30 @@ def test_iterator_state_resumes_on_the_identical_next_batch(name, in_memory, moc
         np.testing.assert_array_equal(got["label"], want["label"])
 
 
+def test_orbax_checkpoints_the_iterator_with_grains_handler(tmp_path, mocked):
+    """The training loop saves the iterator with Orbax through grain's checkpoint handler."""
+    import grain
+    import orbax.checkpoint as ocp
+
+    def loader():
+        return data.make_pretrain_loader("cifar10", global_batch_size=8, seed=4)
+
+    it = iter(loader())
+    for _ in range(5):
+        next(it)
+    manager = ocp.CheckpointManager(tmp_path, item_names=("data",))
+    manager.save(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    want = next(it)
+
+    restored = iter(loader())
+    manager = ocp.CheckpointManager(tmp_path, item_names=("data",))
+    manager.restore(5, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    got = next(restored)
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+
+
 def test_worker_processes_give_the_same_batches(mocked):
     def first(workers):
         it = iter(
