@@ -369,14 +369,14 @@ def validate_config(
         f"config.online_probe.weight_decay must be >= 0; got {p.weight_decay!r}.",
     )
 
-    e = config.eval
+    ev = config.eval
     _require(
-        _is_int(e.knn_k) and e.knn_k >= 1,
-        f"config.eval.knn_k must be an integer >= 1; got {e.knn_k!r}.",
+        _is_int(ev.knn_k) and ev.knn_k >= 1,
+        f"config.eval.knn_k must be an integer >= 1; got {ev.knn_k!r}.",
     )
     _require(
-        _is_number(e.knn_temperature) and e.knn_temperature > 0,
-        f"config.eval.knn_temperature must be > 0; got {e.knn_temperature!r}.",
+        _is_number(ev.knn_temperature) and ev.knn_temperature > 0,
+        f"config.eval.knn_temperature must be > 0; got {ev.knn_temperature!r}.",
     )
 
     # The augmentation checks its arguments at trace time: trace it on shapes only.
@@ -550,7 +550,8 @@ def train_step(
         metrics.update(probe_metrics)
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
-    new_state = state.replace(
+    new_state = dataclasses.replace(
+        state,
         step=state.step + 1,
         params=params,
         batch_stats=batch_stats,
@@ -797,8 +798,8 @@ class _MetricsLog:
         self._count = 0
         self._timed_steps = 0
         self._t0: float | None = None
-        self.bar = None
-        self.writer = None
+        self.bar: Any = None
+        self.writer: Any = None
         if not enabled:
             return
         import tensorboardX
@@ -839,7 +840,7 @@ class _MetricsLog:
             return {}
         record: dict[str, float] = {"step": step, "epoch": round(epoch, 4)}
         record.update({k: v / self._count for k, v in self._sums.items()})
-        if self._timed_steps:
+        if self._timed_steps and self._t0 is not None:
             elapsed = time.perf_counter() - self._t0
             record["images_per_sec"] = self._timed_steps * self._images_per_step / elapsed
             self._t0, self._timed_steps = time.perf_counter(), 0
