@@ -263,6 +263,7 @@ def test_each_loss_trains_finitely_and_decreases_on_a_fixed_batch(name, eight_de
     assert int(state.step) == 20
 
 
+@pytest.mark.slow
 def test_step_on_8_devices_equals_1_device(eight_devices):
     """Same loss, updated parameters, BatchNorm statistics and probe within 1e-5, two steps.
 
@@ -499,6 +500,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_train_like_one(tmp_path, eight_devices, compilation_cache):
     """2 processes x 2 CPU devices (jax.distributed on localhost, each feeding half the batch)
