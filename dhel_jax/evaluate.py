@@ -138,13 +138,17 @@ def _check_images(images: Any, fn: str) -> None:
         )
 
 
-def _check_batch_size(batch_size: Any, fn: str) -> None:
-    if (
-        not isinstance(batch_size, numbers.Integral)
-        or isinstance(batch_size, bool)
-        or batch_size < 1
-    ):
-        raise ValueError(f"{fn}: batch_size must be an integer >= 1; got {batch_size!r}.")
+def _check_int(value: Any, name: str, fn: str, minimum: int = 1) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}; got {value!r}.")
+
+
+def _check_real(value: Any, name: str, fn: str, *, positive: bool) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (value > 0 if positive else value >= 0):
+        raise ValueError(
+            f"{fn}: {name} must be a number {'>' if positive else '>='} 0; got {value!r}."
+        )
 
 
 def _map_batches(
@@ -207,7 +211,7 @@ def extract_features(
     """
     fn = "extract_features"
     _check_images(images, fn)
-    _check_batch_size(batch_size, fn)
+    _check_int(batch_size, "batch_size", fn)
     transform = tuple(sorted((transform_kwargs or {}).items()))
     apply = functools.partial(_eval_outputs, model=model, transform=transform)
     return _map_batches(
@@ -236,7 +240,7 @@ def extract_view_features(
     """
     fn = "extract_view_features"
     _check_images(images, fn)
-    _check_batch_size(batch_size, fn)
+    _check_int(batch_size, "batch_size", fn)
     kwargs = tuple(sorted(dict(augment_kwargs).items()))
     apply = functools.partial(_view_outputs, model=model, view_kwargs=kwargs, seed=int(seed))
     out = _map_batches(apply, variables, images, batch_size=batch_size, mesh=_mesh_or_default(mesh))
@@ -254,7 +258,7 @@ _wasserstein = jax.jit(metrics.wasserstein_uniformity, static_argnames=("block_s
 
 
 def geometry(
-    features: np.ndarray,
+    features: np.ndarray | Array,
     views: tuple[np.ndarray, np.ndarray] | None = None,
     *,
     pair_examples: int = 5000,
@@ -278,8 +282,7 @@ def geometry(
             f"{fn}: features must be an (N, d) array with N >= 2; got shape "
             f"{getattr(features, 'shape', None)}."
         )
-    if not isinstance(pair_examples, numbers.Integral) or pair_examples < 2:
-        raise ValueError(f"{fn}: pair_examples must be an integer >= 2; got {pair_examples!r}.")
+    _check_int(pair_examples, "pair_examples", fn, minimum=2)
     x = jnp.asarray(features)
     n = min(int(pair_examples), x.shape[0])
     pairs = x[:n]
@@ -360,20 +363,16 @@ def paper_linear_probe(
     _check_images(train_images, fn)
     n = train_images.shape[0]
     mesh = _mesh_or_default(mesh)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{fn}: {name} must be an integer >= 1; got {value!r}.")
+    _check_int(epochs, "epochs", fn)
+    _check_int(batch_size, "batch_size", fn)
     if batch_size % mesh.devices.size or batch_size > n:
         raise ValueError(
             f"{fn}: batch_size = {batch_size} must be a multiple of the {mesh.devices.size} "
             f"devices and at most the {n} train images."
         )
-    for name, value in (("learning_rate", learning_rate),):
-        if not (isinstance(value, numbers.Real) and value > 0):
-            raise ValueError(f"{fn}: {name} must be > 0; got {value!r}.")
-    for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-        if not (isinstance(value, numbers.Real) and value >= 0):
-            raise ValueError(f"{fn}: {name} must be >= 0; got {value!r}.")
+    _check_real(learning_rate, "learning_rate", fn, positive=True)
+    _check_real(momentum, "momentum", fn, positive=False)
+    _check_real(weight_decay, "weight_decay", fn, positive=False)
     train_labels = np.asarray(train_labels, np.int32)
     test_labels = np.asarray(test_labels, np.int32)
     for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
@@ -505,18 +504,12 @@ class EvalSettings:
                 f"{fn}: unknown protocol {self.protocol!r}; accepted values are "
                 f"{', '.join(map(repr, PROTOCOLS))}."
             )
-        for name in ("knn_k", "knn_chunk_size", "batch_size", "geometry_examples"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{fn}: {name} must be an integer >= 1; got {value!r}.")
-        if self.geometry_examples < 2:
-            raise ValueError(f"{fn}: geometry_examples must be >= 2; got {self.geometry_examples}.")
+        for name in ("knn_k", "knn_chunk_size", "batch_size"):
+            _check_int(getattr(self, name), name, fn)
+        _check_int(self.geometry_examples, "geometry_examples", fn, minimum=2)
+        _check_int(self.seed, "seed", fn, minimum=0)
         for name in ("knn_temperature", "rank_tol"):
-            value = getattr(self, name)
-            if not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{fn}: {name} must be a number > 0; got {value!r}.")
-        if not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise ValueError(f"{fn}: seed must be an integer >= 0; got {self.seed!r}.")
+            _check_real(getattr(self, name), name, fn, positive=True)
         for name, defaults in (
             ("fast_probe", FAST_PROBE_DEFAULTS),
             ("paper_probe", PAPER_PROBE_DEFAULTS),
@@ -790,6 +783,81 @@ def _run_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
+def _linear_probe(
+    settings: EvalSettings,
+    config: ml_collections.ConfigDict,
+    model: Any,
+    variables: Any,
+    splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    features: Mapping[str, Mapping[str, np.ndarray]],
+    *,
+    num_classes: int,
+    mesh: Mesh,
+    progress: bool,
+) -> dict[str, Any]:
+    (train_x, train_y), (_, test_y) = splits["train"], splits["test"]
+    if settings.protocol == "fast":
+        return probes.linear_probe_accuracy(
+            jnp.asarray(features["train"]["features"]),
+            jnp.asarray(train_y),
+            jnp.asarray(features["test"]["features"]),
+            jnp.asarray(test_y),
+            num_classes=num_classes,
+            seed=settings.seed,
+            **settings.fast_probe,
+        )
+    view_kwargs = crop_flip_kwargs(config)
+    result: dict[str, Any] = paper_linear_probe(
+        lambda v, x: model.apply(v, x, train=False)["features"],
+        variables,
+        train_x,
+        train_y,
+        features["test"]["features"],
+        test_y,
+        num_classes=num_classes,
+        view_kwargs=view_kwargs,
+        seed=settings.seed,
+        mesh=mesh,
+        progress=progress,
+        **settings.paper_probe,
+    )
+    result["view_kwargs"] = view_kwargs
+    return result
+
+
+def _write_plots(
+    out: epath.Path,
+    workdir: epath.Path,
+    step: int,
+    test: Mapping[str, np.ndarray],
+    geo: Mapping[str, Mapping[str, float]],
+    num_pairs: int,
+) -> dict[str, str | None]:
+    """Writes the PNG plots; returns their paths relative to ``out`` (None: not written)."""
+    paths = {k: out / PLOTS_SUBDIR / v for k, v in PLOT_FILENAMES.items()}
+    plot_spectrum(
+        {k: test[k] for k in OUTPUTS},
+        {k: geo[k]["effective_rank"] for k in OUTPUTS},
+        paths["spectrum"],
+    )
+    plot_cosine_histograms(
+        {k: test[k][:num_pairs] for k in OUTPUTS},
+        {k: geo[k]["wasserstein_uniformity"] for k in OUTPUTS},
+        paths["cosine_histogram"],
+    )
+    written: dict[str, str | None] = {
+        k: f"{PLOTS_SUBDIR}/{PLOT_FILENAMES[k]}" for k in ("spectrum", "cosine_histogram")
+    }
+    records = read_metrics_log(workdir / train.METRICS_FILENAME)
+    if records:
+        plot_training_curves(records, paths["training_curves"], step=step)
+        written["training_curves"] = f"{PLOTS_SUBDIR}/{PLOT_FILENAMES['training_curves']}"
+    else:
+        logging.warning("no %s in %s: no training curves", train.METRICS_FILENAME, workdir)
+        written["training_curves"] = None
+    return written
+
+
 def evaluate(
     workdir: str | os.PathLike,
     *,
@@ -822,7 +890,7 @@ def evaluate(
         ``geometry_examples``, ``paper_probe={"epochs": 1}``, ...).
 
     Returns:
-      The contents of ``eval.json`` (see the README's "Evaluation" section).
+      The contents of ``eval.json`` (README, "Evaluation").
 
     Raises:
       checkpointing.CheckpointError: no such workdir or step, or an unreadable checkpoint
@@ -831,124 +899,93 @@ def evaluate(
     """
     timer = _Timer()
     start = time.perf_counter()
-    workdir = epath.Path(workdir)
-    out = workdir if out_dir is None else epath.Path(out_dir)
-    _check_out_dir(out, workdir)
+    run_dir = epath.Path(workdir)
+    out = run_dir if out_dir is None else epath.Path(out_dir)
+    _check_out_dir(out, run_dir)
     with timer("restore"):
-        config, variables, step = checkpointing.restore_for_eval(workdir, step)
+        config, variables, step = checkpointing.restore_for_eval(run_dir, step)
     settings = settings_from_config(config, protocol=protocol, **overrides)
     info = data.get_dataset_info(config.dataset)
     data_dir = config.get("data_dir") if data_dir is None else data_dir
     mesh = _mesh_or_default(mesh)
 
+    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with timer("load_data"):
-        train_x, train_y = data.load_split(config.dataset, info.train_split, data_dir=data_dir)
-        test_x, test_y = data.load_split(config.dataset, info.test_split, data_dir=data_dir)
-    for split, labels in ((info.train_split, train_y), (info.test_split, test_y)):
-        if labels.min() < 0:
-            raise ValueError(
-                f"evaluate: {config.dataset}'s {split!r} split has unlabelled records; the "
-                "probes need labels."
-            )
+        for key, split in (("train", info.train_split), ("test", info.test_split)):
+            splits[key] = data.load_split(config.dataset, split, data_dir=data_dir)
+            if splits[key][1].min() < 0:
+                raise ValueError(
+                    f"evaluate: {config.dataset}'s {split!r} split has unlabelled records; the "
+                    "probes need labels."
+                )
+    (_, train_y), (test_x, test_y) = splits["train"], splits["test"]
     model = train.build_model(config)
-    num_geometry = min(settings.geometry_examples, len(test_y))
+    num_pairs = min(settings.geometry_examples, len(test_y))
     with timer("extract_features"):
-        kwargs = dict(batch_size=settings.batch_size, mesh=mesh)
         transform = train.eval_transform_kwargs(config)
-        train_out = extract_features(
-            model, variables, train_x, transform_kwargs=transform, **kwargs
-        )
-        test_out = extract_features(model, variables, test_x, transform_kwargs=transform, **kwargs)
+        features = {
+            key: extract_features(
+                model,
+                variables,
+                images,
+                batch_size=settings.batch_size,
+                mesh=mesh,
+                transform_kwargs=transform,
+            )
+            for key, (images, _) in splits.items()
+        }
         view1, view2 = extract_view_features(
             model,
             variables,
-            test_x[:num_geometry],
+            test_x[:num_pairs],
             augment_kwargs=train.augment_kwargs(config),
             seed=settings.seed,
-            **kwargs,
+            batch_size=settings.batch_size,
+            mesh=mesh,
         )
-
     with timer("linear_probe"):
-        if settings.protocol == "fast":
-            probe = probes.linear_probe_accuracy(
-                train_out["features"],
-                train_y,
-                test_out["features"],
-                test_y,
-                num_classes=info.num_classes,
-                seed=settings.seed,
-                **settings.fast_probe,
-            )
-        else:
-            paper = dict(settings.paper_probe)
-            view_kwargs = crop_flip_kwargs(config)
-            probe = paper_linear_probe(
-                lambda v, x: model.apply(v, x, train=False)["features"],
-                variables,
-                train_x,
-                train_y,
-                test_out["features"],
-                test_y,
-                num_classes=info.num_classes,
-                view_kwargs=view_kwargs,
-                seed=settings.seed,
-                mesh=mesh,
-                progress=progress,
-                **paper,
-            )
-            probe["view_kwargs"] = view_kwargs
+        probe = _linear_probe(
+            settings,
+            config,
+            model,
+            variables,
+            splits,
+            features,
+            num_classes=info.num_classes,
+            mesh=mesh,
+            progress=progress,
+        )
     with timer("knn"):
         knn = probes.knn_accuracy(
-            train_out["features"],
-            train_y,
-            test_out["features"],
-            test_y,
+            jnp.asarray(features["train"]["features"]),
+            jnp.asarray(train_y),
+            jnp.asarray(features["test"]["features"]),
+            jnp.asarray(test_y),
             num_classes=info.num_classes,
             k=settings.knn_k,
             temperature=settings.knn_temperature,
             chunk_size=settings.knn_chunk_size,
         )
+    test = features["test"]
     with timer("geometry"):
-        geo = {
-            name: geometry(
-                test_out[name],
+        geo = {}
+        for name in OUTPUTS:
+            geo[name] = geometry(
+                test[name],
                 (view1[name], view2[name]),
-                pair_examples=num_geometry,
+                pair_examples=num_pairs,
                 rank_tol=settings.rank_tol,
             )
-            for name in OUTPUTS
-        }
-        for g in geo.values():
-            g.pop("pair_examples")
-
+            del geo[name]["pair_examples"]
     plot_paths: dict[str, str | None] = dict.fromkeys(PLOT_FILENAMES)
     if plots:
         with timer("plots"):
-            plot_dir = out / PLOTS_SUBDIR
-            paths = {k: plot_dir / v for k, v in PLOT_FILENAMES.items()}
-            plot_spectrum(
-                {k: test_out[k] for k in OUTPUTS},
-                {k: geo[k]["effective_rank"] for k in OUTPUTS},
-                paths["spectrum"],
-            )
-            plot_cosine_histograms(
-                {k: test_out[k][:num_geometry] for k in OUTPUTS},
-                {k: geo[k]["wasserstein_uniformity"] for k in OUTPUTS},
-                paths["cosine_histogram"],
-            )
-            records = read_metrics_log(workdir / train.METRICS_FILENAME)
-            written = ["spectrum", "cosine_histogram"]
-            if records:
-                plot_training_curves(records, paths["training_curves"], step=step)
-                written.append("training_curves")
-            else:
-                logging.warning("no %s in %s: no training curves", train.METRICS_FILENAME, workdir)
-            plot_paths.update({k: f"{PLOTS_SUBDIR}/{PLOT_FILENAMES[k]}" for k in written})
+            plot_paths = _write_plots(out, run_dir, step, test, geo, num_pairs)
 
     timings = dict(timer.seconds)
     timings["total"] = round(time.perf_counter() - start, 3)
     results: dict[str, Any] = {
-        "workdir": os.fspath(workdir),
+        "workdir": os.fspath(run_dir),
         "step": int(step),
         "protocol": settings.protocol,
         "settings": settings.to_json(),
@@ -958,11 +995,11 @@ def evaluate(
             "train_split": info.train_split,
             "test_split": info.test_split,
             "num_classes": info.num_classes,
-            "num_train": int(len(train_y)),
-            "num_test": int(len(test_y)),
+            "num_train": len(train_y),
+            "num_test": len(test_y),
             "image_size": train.view_size(config),
         },
-        "dims": {name: int(test_out[name].shape[1]) for name in OUTPUTS},
+        "dims": {name: int(test[name].shape[1]) for name in OUTPUTS},
         "linear_probe": {"protocol": settings.protocol, **probe},
         "knn": {
             "accuracy": knn,
@@ -972,9 +1009,9 @@ def evaluate(
         },
         "geometry": {
             **geo,
-            "pair_examples": num_geometry,
-            "alignment_examples": num_geometry,
-            "rank_examples": int(len(test_y)),
+            "pair_examples": num_pairs,
+            "alignment_examples": num_pairs,
+            "rank_examples": len(test_y),
             "alignment_seed": settings.seed,
         },
         "plots": plot_paths,
