@@ -120,9 +120,14 @@ def _view_outputs(
 
     v1 = jax.vmap(one_view)(images, keys[:, 0])
     v2 = jax.vmap(one_view)(images, keys[:, 1])
-    out = model.apply(variables, jnp.concatenate([v1, v2]), train=False)
+    # Interleaved (rows 2i, 2i + 1: the views of image i), so every row stays on the device of
+    # its image: no cross-device traffic (a concatenation would move half the rows).
     b = images.shape[0]
-    return {f"{name}_{v + 1}": out[name][v * b : (v + 1) * b] for name in OUTPUTS for v in (0, 1)}
+    views = jnp.stack([v1, v2], axis=1).reshape((2 * b, *v1.shape[1:]))
+    out = model.apply(variables, views, train=False)
+    return {
+        f"{name}_{v + 1}": out[name].reshape((b, 2, -1))[:, v] for name in OUTPUTS for v in (0, 1)
+    }
 
 
 def _mesh_or_default(mesh: Mesh | None) -> Mesh:
@@ -342,9 +347,9 @@ def paper_linear_probe(
     ``apply_fn(variables, views) -> (B, F)`` and takes one SGD step (momentum, optional
     Nesterov; learning rate cosine-decayed from ``learning_rate`` to 0 over all steps; L2
     ``weight_decay`` on the weights, not the bias) on the mean softmax cross-entropy of
-    ``features @ W + b`` (W, b zero-initialised). The batch is sharded over ``mesh`` (default:
-    the local devices). The layer is then scored on ``test_features`` (the encoder's features of
-    the evaluation-transformed test images).
+    ``features @ W + b`` (W, b zero-initialised). The batch is sharded over ``mesh``. The layer
+    is then scored on ``test_features`` (the encoder's features of the evaluation-transformed
+    test images).
 
     Args:
       apply_fn: jittable frozen encoder; gradients never flow into it.
@@ -353,6 +358,7 @@ def paper_linear_probe(
       train_images: uint8 (N, H, W, C); train_labels: (N,) integers in [0, num_classes).
       test_features: (N_test, F); test_labels: (N_test,).
       view_kwargs: ``augment.augment`` keywords (:func:`crop_flip_kwargs`).
+      mesh: a ``('data',)`` mesh (default: every local accelerator; one device on CPUs).
       progress: show a progress bar over epochs.
 
     Returns:
@@ -362,7 +368,14 @@ def paper_linear_probe(
     fn = "paper_linear_probe"
     _check_images(train_images, fn)
     n = train_images.shape[0]
-    mesh = _mesh_or_default(mesh)
+    if mesh is None:
+        devices = jax.local_devices()
+        if devices[0].platform == "cpu":
+            # XLA:CPU runs the gradient all-reduce between host devices on its shared intra-op
+            # thread pool; with more devices than idle cores the rendezvous can starve and abort.
+            # One CPU device already uses every core.
+            devices = devices[:1]
+        mesh = parallel.data_mesh(devices)
     _check_int(epochs, "epochs", fn)
     _check_int(batch_size, "batch_size", fn)
     if batch_size % mesh.devices.size or batch_size > n:
@@ -792,7 +805,7 @@ def _linear_probe(
     features: Mapping[str, Mapping[str, np.ndarray]],
     *,
     num_classes: int,
-    mesh: Mesh,
+    mesh: Mesh | None,
     progress: bool,
 ) -> dict[str, Any]:
     (train_x, train_y), (_, test_y) = splits["train"], splits["test"]
@@ -907,7 +920,7 @@ def evaluate(
     settings = settings_from_config(config, protocol=protocol, **overrides)
     info = data.get_dataset_info(config.dataset)
     data_dir = config.get("data_dir") if data_dir is None else data_dir
-    mesh = _mesh_or_default(mesh)
+    paper_mesh, mesh = mesh, _mesh_or_default(mesh)
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     with timer("load_data"):
@@ -952,7 +965,7 @@ def evaluate(
             splits,
             features,
             num_classes=info.num_classes,
-            mesh=mesh,
+            mesh=paper_mesh,
             progress=progress,
         )
     with timer("knn"):

@@ -296,7 +296,7 @@ def _histogram_features(variables, views):
     return jnp.exp(-(((x - levels) / 0.03) ** 2)).mean(axis=1)
 
 
-def test_paper_probe_learns_crop_invariant_synthetic_classes(eight_devices):
+def test_paper_probe_learns_crop_invariant_synthetic_classes():
     """Class c: images of intensity level c (+-2 noise). Random crops and flips keep the level,
     so a linear layer on the soft-histogram 'encoder' must reach >= 99% test accuracy."""
     rng = np.random.default_rng(0)
@@ -325,7 +325,6 @@ def test_paper_probe_learns_crop_invariant_synthetic_classes(eight_devices):
         epochs=5,
         batch_size=64,
         learning_rate=0.5,
-        mesh=parallel.data_mesh(eight_devices),
     )
     assert result["accuracy"] >= 0.99, result
     assert result["train_accuracy"] >= 0.99, result
