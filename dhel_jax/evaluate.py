@@ -34,11 +34,34 @@ Linear-probe protocols (hyper-parameters recorded in ``eval.json``):
   encoder, trained with SGD (momentum 0.9, learning rate 0.1 with cosine decay to 0, no weight
   decay, batch 256, 100 epochs) on features computed on the fly from randomly cropped
   (the run's ``crop_scale`` / ``crop_ratio``) and flipped train images, tested on the evaluation
-  transform. 100 encoder passes over the train split: tens of minutes on a CPU for
-  Fashion-MNIST's ResNet-8; opt-in.
+  transform. 100 encoder passes over the train split: 11-13 minutes on 2 CPU cores for the
+  Fashion-MNIST default (benchmarks/README_eval.md); opt-in.
 
 The settings come from the run's ``config.eval`` (``protocol``, ``knn_k``, ``knn_temperature``,
 and any other :class:`EvalSettings` field it holds), then from the caller's overrides.
+
+``eval.json`` (NaN and infinities written as null; seconds in ``timings``)::
+
+    workdir, step, protocol, created
+    settings      EvalSettings: protocol, knn_k, knn_temperature, knn_chunk_size, batch_size,
+                  geometry_examples, rank_tol, seed, fast_probe {l2_grid, val_fraction,
+                  max_search_examples, max_steps, tol}, paper_probe {epochs, batch_size,
+                  learning_rate, momentum, nesterov, weight_decay}
+    run           dataset, model, loss {name, set hyper-parameters}, batch_size, seed
+    dataset       name, train_split, test_split, num_classes, num_train, num_test, image_size
+    dims          features (F), projections (P)
+    linear_probe  protocol, accuracy (test top-1), train_accuracy, and for fast: val_accuracy,
+                  l2, num_steps, grad_norm; for paper: train_loss, steps, view_kwargs
+    knn           accuracy, k, temperature, on ("features")
+    geometry      features / projections: {effective_rank, rank, alignment, uniformity,
+                  wasserstein_uniformity}; pair_examples, alignment_examples, rank_examples,
+                  alignment_seed
+    plots         spectrum, cosine_histogram, training_curves: paths relative to out_dir
+                  (null when not written)
+    timings       restore, load_data, extract_features, linear_probe, knn, geometry, plots, total
+    devices       platform, count;  versions: dhel_jax, jax, jaxlib, flax, optax, ...
+
+Evaluation runs in one process, over its local devices.
 """
 
 from __future__ import annotations
@@ -903,7 +926,7 @@ def evaluate(
         ``geometry_examples``, ``paper_probe={"epochs": 1}``, ...).
 
     Returns:
-      The contents of ``eval.json`` (README, "Evaluation").
+      The contents of ``eval.json`` (schema in the module docstring).
 
     Raises:
       checkpointing.CheckpointError: no such workdir or step, or an unreadable checkpoint
