@@ -198,3 +198,75 @@ def parse_flags(argv: list[str]) -> list[str]:
 def train_main() -> None:
     """The ``dhel-train`` console script."""
     app.run(_train, argv=sys.argv, flags_parser=parse_flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# dhel-eval (flags shared with dhel-train: --workdir, --cpu_devices).
+
+_STEP = flags.DEFINE_integer(
+    "step", None, "dhel-eval: checkpoint step to evaluate (default: the latest)."
+)
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol",
+    None,
+    ["fast", "paper"],
+    "dhel-eval: linear-probe protocol (default: the run's config.eval.protocol). 'fast': L-BFGS "
+    "logistic regression on precomputed features; 'paper': SGD on frozen features of cropped "
+    "and flipped images (slow on CPUs).",
+)
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "dhel-eval: where eval.json and plots/ go (default: --workdir)."
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "dhel-eval: TFDS data directory (default: the run's config.data_dir)."
+)
+_PAPER_EPOCHS = flags.DEFINE_integer(
+    "paper_epochs", None, "dhel-eval: epochs of the 'paper' probe (default: 100)."
+)
+# dhel_jax.evaluate.EvalSettings.batch_size: the CPU split must divide it.
+_EVAL_BATCH_SIZE = 1024
+
+
+def _eval(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        raise app.UsageError(
+            "usage: dhel-eval --workdir runs/NAME [--step N] [--protocol fast|paper] "
+            "[--out_dir DIR] [--data_dir DIR]"
+        )
+    if _CONFIG.value is not None:
+        raise app.UsageError(
+            "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
+        )
+    _configure_cpu_devices(_EVAL_BATCH_SIZE)
+    # Only now may JAX start its backends (XLA_FLAGS are read then).
+    from dhel_jax import checkpointing, data, evaluate
+
+    paper = {} if _PAPER_EPOCHS.value is None else {"epochs": _PAPER_EPOCHS.value}
+    try:
+        results = evaluate.evaluate(
+            _WORKDIR.value,
+            step=_STEP.value,
+            protocol=_PROTOCOL.value,
+            out_dir=_OUT_DIR.value,
+            data_dir=_DATA_DIR.value,
+            progress=True,
+            paper_probe=paper,
+        )
+    except (checkpointing.CheckpointError, data.DatasetUnavailableError, ValueError) as e:
+        sys.exit(f"dhel-eval: error: {e}")
+    print(evaluate.summary(results))
+
+
+def eval_main() -> None:
+    """The ``dhel-eval`` console script::
+
+        dhel-eval --workdir runs/NAME [--step N] [--protocol fast|paper] [--out_dir DIR]
+
+    evaluates a checkpoint with :func:`dhel_jax.evaluate.evaluate` (read-only: nothing under
+    ``<workdir>/checkpoints`` is written), writes ``eval.json`` and ``plots/*.png`` to the
+    workdir (or ``--out_dir``) and prints a summary. A missing workdir or step, or an unreadable
+    checkpoint, exits with status 1 and a message naming the path and the available steps.
+    """
+    app.run(_eval, argv=sys.argv, flags_parser=parse_flags)
