@@ -1,0 +1,22 @@
+"""CIFAR-100: ResNet-18 with the CIFAR stem, batch 256, 200 epochs (the paper's setting).
+
+dhel-train --config configs/cifar100.py[:<loss>] --workdir runs/cifar100_dhel
+"""
+
+import ml_collections
+
+from dhel_jax.train import default_config
+
+
+def get_config(loss: str | None = None) -> ml_collections.ConfigDict:
+    config = default_config()
+    config.dataset = "cifar100"
+    config.model.name = "resnet18"
+    config.model.stem = "cifar"
+    config.batch_size = 256
+    config.num_epochs = 200
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    if loss:
+        config.loss.name = loss
+    return config

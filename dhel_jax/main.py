@@ -1,0 +1,263 @@
+"""Command-line entry points (console scripts declared in pyproject.toml).
+
+``dhel-train``::
+
+    dhel-train --config configs/fashion_mnist.py --workdir runs/NAME \\
+        [--config.loss.name=kcl --config.batch_size=128 ...]
+
+trains with :func:`dhel_jax.train.train_and_evaluate`; a ``--workdir`` that already holds
+checkpoints resumes from the latest one. ``--config configs/cifar10.py:kcl`` selects the loss
+too. Config overrides are type-checked, and unknown fields rejected, while the flags are parsed;
+the whole config is then validated before any data is read or anything compiled.
+
+Before JAX starts its backends, ``dhel-train``
+
+* calls ``jax.distributed.initialize()`` when it runs in a multi-process environment (Cloud TPU
+  VMs, SLURM, Open MPI, or ``JAX_COORDINATOR_ADDRESS`` set; ``--distributed`` forces it on or
+  off); every process then runs the same command;
+* on a CPU-only machine, splits the host into ``--cpu_devices`` XLA devices (default ``auto``:
+  as many as cores, a divisor of the batch size) unless ``XLA_FLAGS`` already sets
+  ``--xla_force_host_platform_device_count``. The batch is then sharded over them as over
+  accelerators; results equal the 1-device ones up to float round-off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Training config: a configs/*.py file, optionally with ':<loss name>'. Override fields "
+    "with --config.<field>=<value>.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir",
+    None,
+    "Run directory (checkpoints/, metrics.jsonl, config.json, TensorBoard events). A workdir "
+    "with checkpoints resumes from the latest.",
+)
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    ["auto", "true", "false"],
+    "Call jax.distributed.initialize(): auto-detected (Cloud TPU VM, SLURM, Open MPI, "
+    "JAX_COORDINATOR_ADDRESS), or forced on/off.",
+)
+_CPU_DEVICES = flags.DEFINE_string(
+    "cpu_devices",
+    "auto",
+    "CPU-only runs: number of XLA host devices to shard the batch over ('auto': the largest "
+    "divisor of the batch size <= the number of cores; '1': no split). Ignored when XLA_FLAGS "
+    f"sets {_DEVICE_COUNT_FLAG} or an accelerator is present.",
+)
+
+_ACCELERATOR_PLUGINS = (
+    "libtpu",
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_rocm6_plugin",
+    "jax_rocm7_plugin",
+)
+
+
+def _tpu_chips_present() -> bool:
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - a private helper: absent or changed means "unknown".
+        return False
+
+
+def _multiprocess_environment() -> bool:
+    """Whether this process is one of several that must form a jax.distributed system."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return True
+    return _tpu_chips_present()
+
+
+def _accelerator_installed() -> bool:
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() not in ("cpu", "")
+    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
+def cpu_device_count(batch_size: int, requested: str, cores: int | None = None) -> int:
+    """The number of host devices for a CPU run: ``requested``, or for ``'auto'`` the largest
+    divisor of ``batch_size`` that is at most the number of cores."""
+    if requested != "auto":
+        try:
+            count = int(requested)
+        except ValueError:
+            count = 0
+        if count < 1:
+            raise app.UsageError(
+                f"--cpu_devices must be 'auto' or an integer >= 1; got {requested!r}."
+            )
+        return count
+    cores = cores or os.cpu_count() or 1
+    return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
+
+
+def _configure_cpu_devices(batch_size: int) -> None:
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    if _DEVICE_COUNT_FLAG in xla_flags or _accelerator_installed():
+        return
+    count = cpu_device_count(batch_size, _CPU_DEVICES.value)
+    if count > 1:
+        os.environ["XLA_FLAGS"] = f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
+
+
+def _train(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    if config is None or not _WORKDIR.value:
+        raise app.UsageError(
+            "usage: dhel-train --config configs/fashion_mnist.py --workdir runs/NAME "
+            "[--config.<field>=<value> ...]"
+        )
+    distributed = _DISTRIBUTED.value == "true" or (
+        _DISTRIBUTED.value == "auto" and _multiprocess_environment()
+    )
+    if not distributed:
+        _configure_cpu_devices(config.batch_size)
+    # Only now may JAX start its backends (XLA_FLAGS are read then).
+    import jax
+
+    from dhel_jax import train
+
+    if distributed:
+        jax.distributed.initialize()
+    logging.info(
+        "process %d of %d, %d devices: %s",
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
+    train.train_and_evaluate(config, _WORKDIR.value)
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(
+        f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on "
+        "flags.\n"
+    )
+    sys.exit(1)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a clear message for an unknown ``--config.<field>``.
+
+    (ml_collections raises a bare ``AttributeError`` naming only the missing key.)
+    """
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(str(e))
+    except (AttributeError, KeyError) as e:
+        text = str(e.args[0] if e.args else e)
+        found = re.search(r"'(\w+)", text)
+        missing = found.group(1) if found else text
+        hint = re.search(r'Did you mean "\w+"', text)
+        hint_text = f" {hint.group(0)}?" if hint else ""
+        for arg in argv:
+            parts = arg.split("=", 1)[0].lstrip("-").split(".")
+            if parts[0] == "config" and missing in parts[1:]:
+                parent = ".".join(parts[: parts.index(missing, 1)])
+                _fail(f"{arg}: {parent} has no field {missing!r}.{hint_text}")
+        _fail(f"unknown config field {missing!r}.{hint_text}")
+    raise AssertionError("unreachable")
+
+
+def train_main() -> None:
+    """The ``dhel-train`` console script."""
+    app.run(_train, argv=sys.argv, flags_parser=parse_flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# dhel-eval (flags shared with dhel-train: --workdir, --cpu_devices).
+
+_STEP = flags.DEFINE_integer(
+    "step", None, "dhel-eval: checkpoint step to evaluate (default: the latest)."
+)
+_PROTOCOL = flags.DEFINE_enum(
+    "protocol",
+    None,
+    ["fast", "paper"],
+    "dhel-eval: linear-probe protocol (default: the run's config.eval.protocol). 'fast': L-BFGS "
+    "logistic regression on precomputed features; 'paper': SGD on frozen features of cropped "
+    "and flipped images (slow on CPUs).",
+)
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "dhel-eval: where eval.json and plots/ go (default: --workdir)."
+)
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "dhel-eval: TFDS data directory (default: the run's config.data_dir)."
+)
+_PAPER_EPOCHS = flags.DEFINE_integer(
+    "paper_epochs", None, "dhel-eval: epochs of the 'paper' probe (default: 100)."
+)
+# dhel_jax.evaluate.EvalSettings.batch_size: the CPU split must divide it.
+_EVAL_BATCH_SIZE = 1024
+
+
+def _eval(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not _WORKDIR.value:
+        raise app.UsageError(
+            "usage: dhel-eval --workdir runs/NAME [--step N] [--protocol fast|paper] "
+            "[--out_dir DIR] [--data_dir DIR]"
+        )
+    if _CONFIG.value is not None:
+        raise app.UsageError(
+            "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
+        )
+    _configure_cpu_devices(_EVAL_BATCH_SIZE)
+    # Only now may JAX start its backends (XLA_FLAGS are read then).
+    from dhel_jax import checkpointing, data, evaluate
+
+    paper = {} if _PAPER_EPOCHS.value is None else {"epochs": _PAPER_EPOCHS.value}
+    try:
+        results = evaluate.evaluate(
+            _WORKDIR.value,
+            step=_STEP.value,
+            protocol=_PROTOCOL.value,
+            out_dir=_OUT_DIR.value,
+            data_dir=_DATA_DIR.value,
+            progress=True,
+            paper_probe=paper,
+        )
+    except (checkpointing.CheckpointError, data.DatasetUnavailableError, ValueError) as e:
+        sys.exit(f"dhel-eval: error: {e}")
+    print(evaluate.summary(results))
+
+
+def eval_main() -> None:
+    """The ``dhel-eval`` console script::
+
+        dhel-eval --workdir runs/NAME [--step N] [--protocol fast|paper] [--out_dir DIR]
+
+    evaluates a checkpoint with :func:`dhel_jax.evaluate.evaluate` (read-only: nothing under
+    ``<workdir>/checkpoints`` is written), writes ``eval.json`` and ``plots/*.png`` to the
+    workdir (or ``--out_dir``) and prints a summary. A missing workdir or step, or an unreadable
+    checkpoint, exits with status 1 and a message naming the path and the available steps.
+    """
+    app.run(_eval, argv=sys.argv, flags_parser=parse_flags)

@@ -1,0 +1,997 @@
+"""Contrastive pretraining: configuration, train state, the sharded train step and the loop.
+
+The shape follows flax ``examples/imagenet``: :func:`default_config` (the fields every config in
+``configs/`` sets), :func:`create_train_state`, a pure :func:`train_step`, and
+:func:`train_and_evaluate`, which the ``dhel-train`` entry point (``dhel_jax.main``), tests and
+notebooks call.
+
+One step, on the global batch of B images (uint8, sharded over a ``('data',)`` mesh of every
+device of every process; the train state replicated):
+
+1. two SimCLR views of every image, drawn on device from per-example keys derived from
+   ``fold_in(state.rng, state.step)`` (so they do not depend on the number of devices);
+2. encoder f and projection head g on the 2B views, interleaved so that rows 2i and 2i + 1 are
+   the views of image i: BatchNorm normalises over all 2B views (as SimCLR's concatenated
+   batch) and every device keeps the views of its own images;
+3. the contrastive loss ``get_loss(config.loss)`` on the global (B, P) projections: XLA
+   partitions it and inserts the collectives;
+4. gradients, the optax update (LARS / SGD / AdamW with the SimCLR learning-rate schedule);
+5. the online linear probe: a linear classifier on ``stop_gradient(features)`` trained with its
+   own optimiser on the batch labels (labels < 0, e.g. STL-10's unlabelled split, are ignored),
+   reporting how linearly separable the representation is as training goes.
+
+The step returns the new state and scalar metrics: the loss and its aux terms (alignment,
+energy, per-view energies, contrastive accuracy), learning rate, gradient norm, probe loss and
+accuracy, and a finiteness flag. The loop adds images/second (two views count as two images).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import math
+import numbers
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from etils import epath
+from jax.sharding import Mesh, NamedSharding
+from ml_collections import config_dict
+
+from dhel_jax import augment, checkpointing, data, losses, models, optimizers, parallel
+
+Array = jax.Array
+Hook = Callable[[int, Mapping[str, float]], None]
+
+METRICS_FILENAME = "metrics.jsonl"
+
+# Loss keywords that are not hyper-parameters: they are set by the caller, not the config.
+_LOSS_CALL_ARGS = frozenset({"axis_name", "return_aux"})
+# Types of loss hyper-parameters whose SPEC default is None.
+_LOSS_NONE_DEFAULT_TYPES = {"block_size": int}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def loss_config_fields() -> dict[str, type]:
+    """Every hyper-parameter of every loss in ``losses.LOSSES``, with its type.
+
+    ``{'tau': float, 'symmetric': bool, 'sigma': float, 'include_augs': bool, 'kernel': str,
+    't': float, 'gamma': float, 'alpha': float, 'lam': float, 'block_size': int}``.
+    """
+    fields: dict[str, type] = {}
+    for name in losses.LOSSES:
+        for key, default in losses.loss_hyperparameters(name).items():
+            if key in _LOSS_CALL_ARGS:
+                continue
+            kind = _LOSS_NONE_DEFAULT_TYPES[key] if default is None else type(default)
+            fields.setdefault(key, kind)
+    return fields
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The fields of every pretraining config, with CIFAR-10 / ResNet-18 values.
+
+    ``configs/*.py`` start from this and change what their dataset needs. ``loss`` holds the
+    loss ``name`` and every hyper-parameter of every loss as a typed placeholder: ``None`` means
+    the SPEC default of the chosen loss; setting one the chosen loss does not take is an error.
+    """
+    config = ml_collections.ConfigDict()
+    config.dataset = "cifar10"
+    config.data_dir = config_dict.placeholder(str)  # None: TFDS's default data directory.
+    config.data_workers = 0  # grain worker processes decoding batches (0: threads only).
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "resnet18"
+    config.model.stem = "cifar"
+    config.model.num_filters = config_dict.placeholder(int)  # None: the model's own width.
+    config.model.head_hidden_dim = 512
+    config.model.head_out_dim = 128
+    config.model.head_num_layers = 2
+    config.model.dtype = "float32"
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "dhel"
+    for key, kind in loss_config_fields().items():
+        config.loss[key] = config_dict.placeholder(kind)
+
+    # Keyword arguments of augment.two_views; out_size None is the dataset's view size, and
+    # normalize uses the dataset's per-channel mean and std.
+    config.augment = ml_collections.ConfigDict()
+    config.augment.out_size = config_dict.placeholder(int)
+    config.augment.crop_scale = (0.08, 1.0)
+    config.augment.crop_ratio = (3 / 4, 4 / 3)
+    config.augment.flip_prob = 0.5
+    config.augment.jitter_strength = 0.5
+    config.augment.jitter_prob = 0.8
+    config.augment.grayscale_prob = 0.2
+    config.augment.blur_prob = 0.0
+    config.augment.blur_sigma = (0.1, 2.0)
+    config.augment.solarize_prob = 0.0
+    config.augment.normalize = True
+
+    # SimCLR's CIFAR setting: LARS, lr = base_lr * B / 256, linear warm-up then cosine decay.
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "lars"
+    config.optimizer.base_lr = 1.0
+    config.optimizer.lr_scaling = "linear"
+    config.optimizer.end_lr = 0.0
+    config.optimizer.warmup_epochs = 10.0
+    config.optimizer.weight_decay = 1e-6
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.trust_coefficient = 0.001
+    config.optimizer.b1 = 0.9
+    config.optimizer.b2 = 0.999
+    config.optimizer.eps = 1e-8
+
+    config.batch_size = 256  # Global, over all devices and processes.
+    config.num_epochs = 200
+    config.num_train_steps = config_dict.placeholder(int)  # None: num_epochs of steps.
+    config.seed = 0
+
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.max_checkpoints_to_keep = 3
+
+    config.online_probe = ml_collections.ConfigDict()
+    config.online_probe.enabled = True
+    config.online_probe.learning_rate = 1e-3  # AdamW.
+    config.online_probe.weight_decay = 0.0
+
+    # Read by dhel-eval (dhel_jax.main.eval_main).
+    config.eval = ml_collections.ConfigDict()
+    config.eval.protocol = "fast"
+    config.eval.knn_k = 200
+    config.eval.knn_temperature = 0.1
+    return config
+
+
+def loss_from_config(loss_config: ml_collections.ConfigDict) -> Callable[..., Any]:
+    """``losses.get_loss(name, **hparams)`` with the non-None hyper-parameters of the config.
+
+    Raises:
+      ValueError: unknown loss name, a set hyper-parameter the loss does not take, or an
+        invalid value (unknown kernel, tau <= 0, ...).
+    """
+    name = loss_config.name
+    if name not in losses.LOSSES:
+        raise ValueError(
+            f"config.loss.name: unknown loss {name!r}; accepted losses are "
+            f"{', '.join(map(repr, losses.LOSSES))}."
+        )
+    accepted = [k for k in losses.loss_hyperparameters(name) if k not in _LOSS_CALL_ARGS]
+    hparams = {k: v for k, v in loss_config.items() if k != "name" and v is not None}
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"config.loss.{unknown[0]} is set but loss {name!r} takes "
+            f"{', '.join(accepted)}; leave the other fields at None."
+        )
+    try:
+        return losses.get_loss(name, **hparams)
+    except ValueError as e:
+        raise ValueError(f"config.loss: {e}") from e
+
+
+def build_model(config: ml_collections.ConfigDict) -> models.ContrastiveModel:
+    """The encoder + projection head of ``config.model``."""
+    m = config.model
+    extra = {} if m.num_filters is None else {"num_filters": m.num_filters}
+    return models.get_model(
+        m.name,
+        stem=m.stem,
+        head_hidden_dim=m.head_hidden_dim,
+        head_out_dim=m.head_out_dim,
+        head_num_layers=m.head_num_layers,
+        dtype=m.dtype,
+        **extra,
+    )
+
+
+def view_size(config: ml_collections.ConfigDict) -> int:
+    """Side of the images the encoder sees (training views and evaluation images)."""
+    size = config.augment.out_size
+    return data.get_dataset_info(config.dataset).view_size if size is None else size
+
+
+def augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of ``augment.two_views`` for ``config``."""
+    info = data.get_dataset_info(config.dataset)
+    kwargs = {k: v for k, v in config.augment.items() if k != "normalize"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+    kwargs["out_size"] = view_size(config)
+    if config.augment.normalize:
+        kwargs["mean"], kwargs["std"] = info.mean, info.std
+    return kwargs
+
+
+def eval_transform_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword arguments of ``augment.eval_transform`` matching the training views of
+    ``config``: the dataset's centre crop resized to the view size, the same normalisation."""
+    info = data.get_dataset_info(config.dataset)
+    kwargs: dict[str, Any] = {
+        "out_size": view_size(config),
+        "crop_fraction": info.eval_crop_fraction,
+    }
+    if config.augment.normalize:
+        kwargs["mean"], kwargs["std"] = info.mean, info.std
+    return kwargs
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+    *,
+    device_count: int | None = None,
+    process_count: int | None = None,
+) -> None:
+    """Checks the whole config before any data is read or anything is compiled.
+
+    Names (dataset, model, stem, dtype, loss, kernel, optimiser, schedule), ranges, the loss
+    hyper-parameters, the augmentation arguments (by tracing ``two_views`` on shapes only) and
+    that the global batch splits evenly over ``device_count`` devices (default: all) and
+    ``process_count`` processes.
+
+    Raises:
+      ValueError: naming the bad field, its value and what is accepted.
+    """
+    device_count = jax.device_count() if device_count is None else device_count
+    process_count = jax.process_count() if process_count is None else process_count
+    try:
+        info = data.get_dataset_info(config.dataset)
+    except ValueError as e:
+        raise ValueError(f"config.dataset: {e}") from e
+
+    m = config.model
+    for field, value, accepted in (
+        ("name", m.name, tuple(models.MODELS)),
+        ("stem", m.stem, models.STEMS),
+        ("dtype", m.dtype, tuple(models.DTYPES)),
+    ):
+        _require(
+            value in accepted,
+            f"config.model.{field}: unknown value {value!r}; accepted values are "
+            f"{', '.join(map(repr, accepted))}.",
+        )
+    for field in ("head_hidden_dim", "head_out_dim", "head_num_layers"):
+        value = m[field]
+        _require(
+            _is_int(value) and value >= 1,
+            f"config.model.{field} must be an integer >= 1; got {value!r}.",
+        )
+    _require(
+        m.num_filters is None or (_is_int(m.num_filters) and m.num_filters >= 1),
+        f"config.model.num_filters must be None or an integer >= 1; got {m.num_filters!r}.",
+    )
+
+    loss_from_config(config.loss)
+
+    o = config.optimizer
+    _require(
+        o.name in optimizers.OPTIMIZERS,
+        f"config.optimizer.name: unknown optimizer {o.name!r}; accepted values are "
+        f"{', '.join(map(repr, optimizers.OPTIMIZERS))}.",
+    )
+    _require(
+        o.lr_scaling in optimizers.LR_SCALINGS,
+        f"config.optimizer.lr_scaling: unknown value {o.lr_scaling!r}; accepted values are "
+        f"{', '.join(map(repr, optimizers.LR_SCALINGS))}.",
+    )
+    for field, low, strict in (
+        ("base_lr", 0.0, True),
+        ("end_lr", 0.0, False),
+        ("warmup_epochs", 0.0, False),
+        ("weight_decay", 0.0, False),
+        ("momentum", 0.0, False),
+        ("trust_coefficient", 0.0, True),
+        ("eps", 0.0, True),
+    ):
+        value = o[field]
+        ok = _is_number(value) and (value > low if strict else value >= low)
+        _require(
+            ok,
+            f"config.optimizer.{field} must be a number {'>' if strict else '>='} "
+            f"{low:g}; got {value!r}.",
+        )
+
+    b = config.batch_size
+    _require(
+        _is_int(b) and b >= 2,
+        f"config.batch_size must be an integer >= 2 (the "
+        f"contrastive losses need negatives); got {b!r}.",
+    )
+    _require(
+        b % device_count == 0,
+        f"config.batch_size = {b} does not split evenly over the {device_count} devices; use a "
+        f"multiple of {device_count} (e.g. {(b // device_count + 1) * device_count}).",
+    )
+    _require(
+        b % process_count == 0,
+        f"config.batch_size = {b} does not split evenly over the {process_count} processes.",
+    )
+    _require(
+        _is_number(config.num_epochs) and config.num_epochs > 0,
+        f"config.num_epochs must be a number > 0; got {config.num_epochs!r}.",
+    )
+    n = config.num_train_steps
+    _require(
+        n is None or (_is_int(n) and n >= 1),
+        f"config.num_train_steps must be None or an integer >= 1; got {n!r}.",
+    )
+    for field in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
+        value = config[field]
+        _require(
+            _is_int(value) and value >= 1, f"config.{field} must be an integer >= 1; got {value!r}."
+        )
+    _require(
+        _is_int(config.seed) and config.seed >= 0,
+        f"config.seed must be an integer >= 0; got {config.seed!r}.",
+    )
+    _require(
+        _is_int(config.data_workers) and config.data_workers >= 0,
+        f"config.data_workers must be an integer >= 0; got {config.data_workers!r}.",
+    )
+
+    p = config.online_probe
+    _require(
+        _is_number(p.learning_rate) and p.learning_rate > 0,
+        f"config.online_probe.learning_rate must be > 0; got {p.learning_rate!r}.",
+    )
+    _require(
+        _is_number(p.weight_decay) and p.weight_decay >= 0,
+        f"config.online_probe.weight_decay must be >= 0; got {p.weight_decay!r}.",
+    )
+
+    e = config.eval
+    _require(
+        _is_int(e.knn_k) and e.knn_k >= 1,
+        f"config.eval.knn_k must be an integer >= 1; got {e.knn_k!r}.",
+    )
+    _require(
+        _is_number(e.knn_temperature) and e.knn_temperature > 0,
+        f"config.eval.knn_temperature must be > 0; got {e.knn_temperature!r}.",
+    )
+
+    # The augmentation checks its arguments at trace time: trace it on shapes only.
+    try:
+        jax.eval_shape(
+            lambda x, k: augment.two_views(x, k, **augment_kwargs(config)),
+            jax.ShapeDtypeStruct((2, *info.image_shape), jnp.uint8),
+            jax.ShapeDtypeStruct((2,), jnp.uint32),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config.augment: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------
+# Train state and step.
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries from one step to the next (all arrays).
+
+    Attributes:
+      step: int32 scalar, the number of steps taken.
+      params: ``{"encoder": ..., "head": ...}`` model parameters.
+      batch_stats: BatchNorm running statistics.
+      opt_state: optax state of the model optimiser.
+      probe_params: ``{"kernel": (F, classes), "bias": (classes,)}`` of the online linear
+        probe, ``{}`` when it is disabled.
+      probe_opt_state: optax state of the probe optimiser (``{}`` when disabled).
+      rng: uint32 key data of the run's base PRNG key (``jax.random.key_data``).
+    """
+
+    step: Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    probe_params: Any
+    probe_opt_state: Any
+    rng: Array
+
+
+def create_train_state(
+    rng: Array,
+    *,
+    model: models.ContrastiveModel,
+    tx: optax.GradientTransformation,
+    probe_tx: optax.GradientTransformation | None,
+    image_shape: Sequence[int],
+    num_classes: int,
+) -> TrainState:
+    """Initialises a :class:`TrainState` from a PRNG key.
+
+    Args:
+      rng: a PRNG key (new-style or raw uint32).
+      image_shape: ``(H, W, C)`` of the encoder's inputs (the augmented views).
+      num_classes: outputs of the online probe.
+      probe_tx: the probe's optimiser; ``None`` disables the probe.
+    """
+    if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        rng = jax.random.wrap_key_data(rng)
+    init_key, run_key = jax.random.split(rng)
+    variables = model.init(init_key, jnp.zeros((2, *image_shape), jnp.float32), train=False)
+    params = variables["params"]
+    probe_params: Any = {}
+    probe_opt_state: Any = {}
+    if probe_tx is not None:
+        num_features = model.encoder.num_features
+        probe_params = {
+            "kernel": jnp.zeros((num_features, num_classes), jnp.float32),
+            "bias": jnp.zeros((num_classes,), jnp.float32),
+        }
+        probe_opt_state = probe_tx.init(probe_params)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        probe_params=probe_params,
+        probe_opt_state=probe_opt_state,
+        rng=jax.random.key_data(run_key),
+    )
+
+
+def _all_finite(tree: Any) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.stack(leaves).all() if leaves else jnp.asarray(True)
+
+
+def _probe_step(
+    state: TrainState, features: Array, labels: Array, probe_tx: optax.GradientTransformation
+) -> tuple[Any, Any, dict[str, Array]]:
+    """One optimiser step of the linear probe on ``features`` (2B, F) and ``labels`` (2B,)."""
+    valid = labels >= 0
+    count = jnp.maximum(valid.sum(), 1)
+
+    def probe_loss(probe_params):
+        logits = features @ probe_params["kernel"] + probe_params["bias"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        return jnp.sum(jnp.where(valid, ce, 0.0)) / count, logits
+
+    (loss, logits), grads = jax.value_and_grad(probe_loss, has_aux=True)(state.probe_params)
+    updates, opt_state = probe_tx.update(grads, state.probe_opt_state, state.probe_params)
+    correct = jnp.where(valid, jnp.argmax(logits, -1) == labels, False)
+    metrics = {"probe_loss": loss, "probe_accuracy": correct.sum() / count}
+    return optax.apply_updates(state.probe_params, updates), opt_state, metrics
+
+
+def train_step(
+    state: TrainState,
+    batch: Mapping[str, Array],
+    *,
+    model: models.ContrastiveModel,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[..., Any],
+    learning_rate_fn: optax.Schedule,
+    view_kwargs: Mapping[str, Any],
+    probe_tx: optax.GradientTransformation | None = None,
+    sharding: NamedSharding | None = None,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One pretraining step on a global batch (pure; see the module docstring).
+
+    Args:
+      state: the current :class:`TrainState`.
+      batch: ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}``.
+      model, tx, loss_fn, learning_rate_fn: the model, its optimiser, a loss from
+        ``losses.get_loss`` and the optimiser's learning-rate schedule (for the metrics).
+      view_kwargs: keyword arguments of ``augment.two_views``.
+      probe_tx: the online probe's optimiser (``None``: no probe).
+      sharding: the batch sharding, to keep the interleaved views on their images' devices.
+
+    Returns:
+      ``(new_state, metrics)``, metrics being float32 scalars plus the bool ``finite`` (loss,
+      gradient norm and new parameters all finite).
+    """
+    images, labels = batch["image"], batch["label"]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    x1, x2 = augment.two_views(images, key, **view_kwargs)
+    b = images.shape[0]
+    views = jnp.stack([x1, x2], axis=1).reshape((2 * b, *x1.shape[1:]))
+    if sharding is not None:
+        views = jax.lax.with_sharding_constraint(views, sharding)
+
+    def objective(params):
+        out, mutated = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            views,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        z = out["projections"].reshape((b, 2, -1))
+        loss, aux = loss_fn(z[:, 0], z[:, 1], return_aux=True)
+        return loss, (aux, out["features"], mutated["batch_stats"])
+
+    (loss, (aux, features, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {"loss": loss}
+    for name, value in aux.items():
+        metrics["contrastive_accuracy" if name == "accuracy" else name] = value
+    metrics["learning_rate"] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
+    metrics["grad_norm"] = grad_norm
+
+    probe_params, probe_opt_state = state.probe_params, state.probe_opt_state
+    if probe_tx is not None:
+        probe_params, probe_opt_state, probe_metrics = _probe_step(
+            state, jax.lax.stop_gradient(features), jnp.repeat(labels, 2), probe_tx
+        )
+        metrics.update(probe_metrics)
+    metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
+    metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        probe_params=probe_params,
+        probe_opt_state=probe_opt_state,
+    )
+    return new_state, metrics
+
+
+def make_train_step(
+    mesh: Mesh,
+    *,
+    model: models.ContrastiveModel,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[..., Any],
+    learning_rate_fn: optax.Schedule,
+    view_kwargs: Mapping[str, Any],
+    probe_tx: optax.GradientTransformation | None = None,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict[str, Array]]]:
+    """:func:`train_step` jitted over ``mesh``: batch sharded on ``'data'``, state replicated
+    and donated, metrics replicated. ``compiler_options`` are XLA options for this step only
+    (e.g. ``{"xla_backend_optimization_level": 0}`` compiles CPU smoke tests twice as fast)."""
+    batch_sharding = parallel.batch_sharding(mesh)
+    replicated = parallel.replicated(mesh)
+    step = functools.partial(
+        train_step,
+        model=model,
+        tx=tx,
+        loss_fn=loss_fn,
+        learning_rate_fn=learning_rate_fn,
+        view_kwargs=dict(view_kwargs),
+        probe_tx=probe_tx,
+        sharding=batch_sharding,
+    )
+    return jax.jit(
+        step,
+        in_shardings=(replicated, batch_sharding),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+        compiler_options=dict(compiler_options) if compiler_options else None,
+    )
+
+
+def global_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
+    """Assembles each process's part of the batch into global arrays sharded by ``sharding``
+    (``jax.make_array_from_process_local_data``; a plain transfer with one process)."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class StepCounts:
+    """Step counts of a run: ``total_steps`` steps of ``batch_size`` over ``num_examples``."""
+
+    num_examples: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def step_counts(config: ml_collections.ConfigDict, num_examples: int) -> StepCounts:
+    """Steps per epoch (every process reads ``num_examples // P`` records in batches of
+    ``B / P``), total steps and warm-up steps of ``config``."""
+    processes = jax.process_count()
+    local_batch = config.batch_size // processes
+    steps_per_epoch = (num_examples // processes) // local_batch
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"config.batch_size = {config.batch_size} is larger than {config.dataset}'s "
+            f"{num_examples} pretraining examples."
+        )
+    total = config.num_train_steps
+    if total is None:
+        total = max(1, int(config.num_epochs * (num_examples // processes)) // local_batch)
+    warmup = int(round(config.optimizer.warmup_epochs * steps_per_epoch))
+    if warmup >= total:
+        raise ValueError(
+            f"config.optimizer.warmup_epochs = {config.optimizer.warmup_epochs} is {warmup} "
+            f"steps, not fewer than the run's {total} steps; lower it."
+        )
+    return StepCounts(num_examples, steps_per_epoch, total, warmup)
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """What :func:`make_training` builds from a config: the pieces of a run over a mesh.
+
+    Attributes:
+      model: the encoder + projection head.
+      learning_rate_fn: the model optimiser's schedule (step -> learning rate).
+      train_step: :func:`make_train_step`'s jitted step.
+      init: a jitted ``() -> TrainState`` (seeded by ``config.seed``), replicated on the mesh.
+      abstract_state: ``() -> TrainState`` of ``jax.ShapeDtypeStruct`` with the replicated
+        sharding (the restore target of a checkpoint).
+      batch_sharding: the batch's ``NamedSharding``.
+    """
+
+    model: models.ContrastiveModel
+    learning_rate_fn: optax.Schedule
+    train_step: Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict[str, Array]]]
+    init: Callable[[], TrainState]
+    abstract_state: Callable[[], TrainState]
+    batch_sharding: NamedSharding
+
+
+def _init_options(mesh: Mesh) -> dict[str, Any] | None:
+    # Initialisation runs once; on CPU, LLVM's optimisation of its unrolled random-number code
+    # costs ~10 s of compilation (for ResNet-tiny) and saves nothing.
+    if mesh.devices.flat[0].platform == "cpu":
+        return {"xla_backend_optimization_level": 0}
+    return None
+
+
+def make_training(
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    counts: StepCounts,
+    *,
+    compiler_options: Mapping[str, Any] | None = None,
+) -> Training:
+    """Builds the model, optimisers, loss, augmentation and jitted functions of ``config``."""
+    info = data.get_dataset_info(config.dataset)
+    model = build_model(config)
+    o = config.optimizer
+    learning_rate_fn = optimizers.lr_schedule(
+        base_lr=o.base_lr,
+        batch_size=config.batch_size,
+        total_steps=counts.total_steps,
+        warmup_steps=counts.warmup_steps,
+        lr_scaling=o.lr_scaling,
+        end_value=o.end_lr,
+    )
+    tx = optimizers.make_optimizer(
+        o.name,
+        learning_rate=learning_rate_fn,
+        weight_decay=o.weight_decay,
+        momentum=o.momentum,
+        trust_coefficient=o.trust_coefficient,
+        b1=o.b1,
+        b2=o.b2,
+        eps=o.eps,
+        nesterov=o.nesterov,
+    )
+    probe_tx = None
+    if config.online_probe.enabled:
+        probe_tx = optimizers.make_optimizer(
+            "adamw",
+            learning_rate=config.online_probe.learning_rate,
+            weight_decay=config.online_probe.weight_decay,
+        )
+    size = view_size(config)
+
+    def init() -> TrainState:
+        return create_train_state(
+            jax.random.key(config.seed),
+            model=model,
+            tx=tx,
+            probe_tx=probe_tx,
+            image_shape=(size, size, info.image_shape[-1]),
+            num_classes=info.num_classes,
+        )
+
+    replicated = parallel.replicated(mesh)
+
+    def abstract_state() -> TrainState:
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+            jax.eval_shape(init),
+        )
+
+    step = make_train_step(
+        mesh,
+        model=model,
+        tx=tx,
+        loss_fn=loss_from_config(config.loss),
+        learning_rate_fn=learning_rate_fn,
+        view_kwargs=augment_kwargs(config),
+        probe_tx=probe_tx,
+        compiler_options=compiler_options,
+    )
+    return Training(
+        model=model,
+        learning_rate_fn=learning_rate_fn,
+        train_step=step,
+        init=jax.jit(init, out_shardings=replicated, compiler_options=_init_options(mesh)),
+        abstract_state=abstract_state,
+        batch_sharding=parallel.batch_sharding(mesh),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop.
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss, the gradients or the updated parameters of a step are not finite."""
+
+
+class _StopSignal:
+    """Turns SIGTERM / SIGINT into a request to checkpoint and stop after the current step.
+
+    A second signal restores the default behaviour (a second Ctrl-C interrupts at once).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, signals: Sequence[int] = SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        self.received = signum
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        logging.warning(
+            "received %s: saving a checkpoint after this step", signal.strsignal(signum)
+        )
+
+    def __enter__(self) -> _StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.received is None:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+class _MetricsLog:
+    """Averages step metrics over each logging interval and writes them (process 0 only) to
+    TensorBoard, ``metrics.jsonl`` and the progress bar."""
+
+    def __init__(self, workdir: epath.Path, start_step: int, total_steps: int, enabled: bool):
+        self.enabled = enabled
+        self._sums: dict[str, float] = collections.defaultdict(float)
+        self._count = 0
+        self._timed_steps = 0
+        self._t0: float | None = None
+        self.bar = None
+        self.writer = None
+        self.last: dict[str, float] = {}
+        if not enabled:
+            return
+        import tensorboardX
+        import tqdm
+
+        path = workdir / METRICS_FILENAME
+        if path.exists():
+            # Resuming: drop lines logged after the restored checkpoint (they will be redone).
+            kept = [
+                line
+                for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._file = path.open("a")
+        self.writer = tensorboardX.SummaryWriter(
+            str(workdir), purge_step=start_step + 1 if start_step else None
+        )
+        self.bar = tqdm.tqdm(
+            total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True
+        )
+
+    def add(self, metrics: Mapping[str, float], images_per_step: int) -> None:
+        now = time.perf_counter()
+        if self._t0 is None:
+            self._t0 = now  # The first step includes compilation: time from its end.
+        else:
+            self._timed_steps += 1
+        for k, v in metrics.items():
+            self._sums[k] += v
+        self._count += 1
+        self._images_per_step = images_per_step
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, step: int, epoch: float) -> dict[str, float]:
+        if not self._count:
+            return {}
+        record: dict[str, float] = {"step": step, "epoch": round(epoch, 4)}
+        record.update({k: v / self._count for k, v in self._sums.items()})
+        if self._timed_steps:
+            elapsed = time.perf_counter() - self._t0
+            record["images_per_sec"] = self._timed_steps * self._images_per_step / elapsed
+            self._t0, self._timed_steps = time.perf_counter(), 0
+        self._sums.clear()
+        self._count = 0
+        self.last = record
+        if self.enabled:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            for k, v in record.items():
+                if k != "step":
+                    self.writer.add_scalar(f"train/{k}", v, step)
+            postfix = f"loss {record['loss']:.4f}"
+            if "images_per_sec" in record:
+                postfix += f", {record['images_per_sec']:.0f} img/s"
+            if "probe_accuracy" in record:
+                postfix += f", probe {record['probe_accuracy']:.3f}"
+            self.bar.set_postfix_str(postfix)
+        return record
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self.writer.close()
+            self.bar.close()
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    hooks: Sequence[Hook] = (),
+    compiler_options: Mapping[str, Any] | None = None,
+) -> TrainState:
+    """Pretrains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
+
+    Validates the config before reading data or compiling; trains ``total_steps`` (``num_epochs``
+    passes, or ``num_train_steps``); logs every ``log_every_steps`` to TensorBoard,
+    ``<workdir>/metrics.jsonl`` and a progress bar; checkpoints every ``checkpoint_every_steps``
+    and at the end. SIGTERM / SIGINT (and, with several processes, JAX's preemption notice)
+    checkpoint the current step and return early.
+
+    Args:
+      config: a config from ``configs/`` (see :func:`default_config`).
+      workdir: the run directory (created if needed).
+      hooks: called on the host as ``hook(step, metrics)`` after every step (after its
+        checkpoint is issued, if it has one); ``metrics`` are that step's host scalars.
+      compiler_options: XLA options for the train step (see :func:`make_train_step`).
+
+    Returns:
+      The final train state.
+
+    Raises:
+      ValueError: a bad config (before anything is read or compiled).
+      NonFiniteLossError: a step's loss, gradients or parameters were not finite; no
+        checkpoint of that step or later is written.
+      checkpointing.CheckpointError: the latest checkpoint cannot be restored.
+    """
+    validate_config(config)
+    workdir_path = epath.Path(workdir)
+    is_chief = jax.process_index() == 0
+    if is_chief:
+        workdir_path.mkdir(parents=True, exist_ok=True)
+
+    mesh = parallel.data_mesh()
+    num_examples = data.num_examples(config.dataset, data_dir=config.data_dir)
+    counts = step_counts(config, num_examples)
+    setup = make_training(config, mesh, counts, compiler_options=compiler_options)
+
+    loader = data.make_pretrain_loader(
+        config.dataset,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        data_dir=config.data_dir,
+        worker_count=config.data_workers,
+    )
+    iterator = iter(loader)
+
+    manager = checkpointing.open_manager(workdir, max_to_keep=config.max_checkpoints_to_keep)
+    log = None
+    try:
+        start_step = manager.latest_step() or 0
+        if start_step:
+            state = checkpointing.restore(manager, start_step, setup.abstract_state(), iterator)
+            logging.info("resumed from %s at step %d", manager.directory, start_step)
+        else:
+            state = setup.init()
+        if is_chief:
+            checkpointing.write_config_json(workdir, config)
+
+        log = _MetricsLog(workdir_path, start_step, counts.total_steps, enabled=is_chief)
+        last_saved = start_step
+
+        def epoch(step: int) -> float:
+            return step * config.batch_size / counts.num_examples
+
+        def finish(step: int, device_metrics: Mapping[str, Array]) -> dict[str, float]:
+            """Host side of a step: fetch its metrics, stop on non-finite values, log."""
+            host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            if not host.pop("finite"):
+                where = (
+                    f"the last good checkpoint is step {last_saved} in {manager.directory}"
+                    if last_saved
+                    else "no checkpoint was saved"
+                )
+                raise NonFiniteLossError(
+                    f"non-finite training at step {step}: loss = {host['loss']}, gradient "
+                    f"norm = {host['grad_norm']} (or non-finite parameters after the update). "
+                    f"Training stopped without saving; {where}. Lower "
+                    "config.optimizer.base_lr, raise the temperature, or use float32."
+                )
+            log.add(host, 2 * config.batch_size)
+            if step % config.log_every_steps == 0 or step == counts.total_steps:
+                log.write(step, epoch(step))
+            return host
+
+        def run_hooks(step: int, host: Mapping[str, float]) -> None:
+            for hook in hooks:
+                hook(step, host)
+
+        # With several processes, SIGTERM is JAX's preemption notice (reached_preemption).
+        signals = _StopSignal.SIGNALS if jax.process_count() == 1 else (signal.SIGINT,)
+        pending: tuple[int, Any] | None = None
+        with _StopSignal(signals) as stop:
+            for step in range(start_step + 1, counts.total_steps + 1):
+                batch = global_batch(next(iterator), setup.batch_sharding)
+                state, metrics = setup.train_step(state, batch)
+                # The previous step's metrics are fetched while this step runs.
+                if pending is not None:
+                    run_hooks(pending[0], finish(*pending))
+                pending = (step, metrics)
+                stopping = stop.received is not None or (
+                    jax.process_count() > 1 and manager.reached_preemption(step)
+                )
+                if (
+                    stopping
+                    or step % config.checkpoint_every_steps == 0
+                    or step == counts.total_steps
+                ):
+                    host = finish(*pending)
+                    pending = None
+                    log.write(step, epoch(step))
+                    checkpointing.save(manager, step, state, iterator, config)
+                    last_saved = step
+                    run_hooks(step, host)
+                if stopping:
+                    logging.warning("stopped at step %d; checkpoint saved", step)
+                    break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        if log is not None:
+            log.close()
+    return state

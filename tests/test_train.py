@@ -1,0 +1,533 @@
+"""Tests for dhel_jax.train and the dhel-train entry point (dhel_jax.main).
+
+Everything trains ResNet-tiny on 16x16 views of ``tfds.testing.mock_data`` Fashion-MNIST
+(64 records, batch 16). Compiled steps go to a persistent XLA cache shared with the subprocesses,
+so a program compiled once (e.g. by run A of the resume test) is not compiled again.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+
+from dhel_jax import checkpointing, losses, main, parallel, train
+from tests import train_worker
+from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, fixed_batch, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("train_worker.py")
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA cache for this module and its subprocesses."""
+    path = str(tmp_path_factory.mktemp("xla_cache"))
+    keys = {
+        "jax_compilation_cache_dir": path,
+        "jax_persistent_cache_min_compile_time_secs": 0.0,
+        "jax_persistent_cache_min_entry_size_bytes": 0,
+    }
+    old = {k: getattr(jax.config, k) for k in keys}
+    for k, v in keys.items():
+        jax.config.update(k, v)
+    yield path
+    for k, v in old.items():
+        jax.config.update(k, v)
+
+
+@pytest.fixture
+def mocked():
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        yield
+
+
+def _env(cache_dir: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT)
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env.update(extra)
+    return env
+
+
+def _leaves(tree) -> dict[str, np.ndarray]:
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+
+def _hash_tree(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [
+        json.loads(line)
+        for line in (workdir / train.METRICS_FILENAME).read_text().split("\n")
+        if line
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def test_loss_config_holds_every_hyperparameter_of_every_loss_as_none():
+    expected = {
+        "tau": float,
+        "symmetric": bool,
+        "sigma": float,
+        "include_augs": bool,
+        "kernel": str,
+        "t": float,
+        "gamma": float,
+        "alpha": float,
+        "lam": float,
+        "block_size": int,
+    }
+    assert train.loss_config_fields() == expected
+    loss = train.default_config().loss
+    assert set(loss) == {"name", *expected}
+    assert all(loss[k] is None for k in expected)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_file_validates_with_every_loss(path):
+    spec = importlib.util.spec_from_file_location(f"configs_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for loss in (None, *losses.LOSSES):
+        config = module.get_config(loss)
+        train.validate_config(config, device_count=8, process_count=1)
+        assert config.loss.name == (loss or "dhel")
+
+
+def _bad(**changes):
+    config = tiny_config()
+    for key, value in changes.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (
+            {"loss.name": "nce"},
+            r"config.loss.name: unknown loss 'nce'; accepted losses are 'info_nce'",
+        ),
+        (
+            {"loss.name": "kcl", "loss.tau": 0.2},
+            r"config.loss.tau is set but loss 'kcl' takes kernel, t, gamma, block_size",
+        ),
+        ({"loss.name": "kcl", "loss.kernel": "cauchy"}, r"unknown kernel 'cauchy'.*'gaussian'"),
+        ({"loss.tau": -1.0}, r"tau must be > 0"),
+        ({"dataset": "mnist"}, r"config.dataset: Unknown dataset 'mnist'; accepted names"),
+        ({"model.name": "resnet101"}, r"config.model.name: unknown value 'resnet101'.*'resnet18'"),
+        ({"model.stem": "vit"}, r"config.model.stem: unknown value 'vit'"),
+        ({"optimizer.name": "lamb"}, r"config.optimizer.name: unknown optimizer 'lamb'.*'lars'"),
+        ({"batch_size": 12}, r"batch_size = 12 does not split evenly over the 8 devices.*16"),
+        ({"augment.flip_prob": 1.5}, r"config.augment: .*flip_prob must be a probability"),
+        ({"optimizer.base_lr": 0.0}, r"config.optimizer.base_lr must be a number > 0"),
+        ({"log_every_steps": 0}, r"config.log_every_steps must be an integer >= 1"),
+    ],
+)
+def test_bad_config_values_fail_clearly(changes, match):
+    with pytest.raises(ValueError, match=match):
+        train.validate_config(_bad(**changes), device_count=8, process_count=1)
+
+
+def test_bad_config_fails_before_any_data_or_workdir(tmp_path):
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError, match="unknown loss"):
+        train.train_and_evaluate(_bad(**{"loss.name": "nope"}), str(workdir))
+    assert not workdir.exists()
+
+
+def _parse(*args: str):
+    """Parses a dhel-train command line (the real absl FLAGS) and returns the config."""
+    argv = ["dhel-train", *args]
+    old_argv, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv.
+    try:
+        main.parse_flags(argv)
+        return flags.FLAGS.config
+    finally:
+        sys.argv = old_argv
+        flags.FLAGS.unparse_flags()
+        # config_flags registers one flag per overridden field; forget them for the next parse.
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+
+
+def test_cli_overrides_are_typed_and_unknown_fields_rejected(capsys):
+    cfg = str(ROOT / "configs" / "fashion_mnist.py")
+    config = _parse(f"--config={cfg}", "--config.loss.tau=0.2", "--config.batch_size=128")
+    assert config.loss.tau == 0.2 and config.batch_size == 128
+    assert config.loss.sigma is None
+    assert _parse(f"--config={ROOT / 'configs' / 'cifar10.py'}:kcl").loss.name == "kcl"
+    for bad, message in (
+        ("--config.loss.foo=1", "--config.loss.foo=1: config.loss has no field 'foo'"),
+        ("--config.optimiser.name=sgd", "config has no field 'optimiser'"),
+        ("--config.batch_size=many", "--config.batch_size=many: invalid literal for int"),
+        ("--config.loss.tau=hot", "--config.loss.tau=hot: could not convert"),
+    ):
+        with pytest.raises(SystemExit):
+            _parse(f"--config={cfg}", bad)
+        assert message in capsys.readouterr().err
+
+
+def test_cpu_device_count_divides_the_batch():
+    assert main.cpu_device_count(256, "auto", cores=2) == 2
+    assert main.cpu_device_count(256, "auto", cores=16) == 16
+    assert main.cpu_device_count(96, "auto", cores=5) == 4
+    assert main.cpu_device_count(7, "auto", cores=2) == 1
+    assert main.cpu_device_count(256, "3") == 3
+
+
+def test_cpu_split_respects_user_xla_flags(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    main._configure_cpu_devices(256)
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    flags.FLAGS(["dhel-train"])
+    try:
+        main._configure_cpu_devices(12)
+    finally:
+        flags.FLAGS.unparse_flags()
+    want = main.cpu_device_count(12, "auto")
+    expected = "--xla_cpu_enable_fast_math=false"
+    if want > 1:
+        expected += f" --xla_force_host_platform_device_count={want}"
+    assert os.environ["XLA_FLAGS"] == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# The train step.
+
+
+@pytest.mark.parametrize("name", list(losses.LOSSES))
+def test_each_loss_trains_finitely_and_decreases_on_a_fixed_batch(name, eight_devices):
+    """20 steps on one batch (fresh augmentations every step): every metric finite, and the
+    loss of the last 5 steps below that of the first 5."""
+    config = tiny_config()
+    config.loss.name = name
+    config.optimizer.name = "adamw"
+    config.optimizer.base_lr = 0.01
+    config.optimizer.lr_scaling = "none"
+    config.optimizer.weight_decay = 0.0
+    counts = train.StepCounts(num_examples=64, steps_per_epoch=4, total_steps=20, warmup_steps=0)
+    setup = train.make_training(
+        config, parallel.data_mesh(eight_devices[:1]), counts, compiler_options=COMPILER_OPTIONS
+    )
+    state = setup.init()
+    batch = train.global_batch(fixed_batch(), setup.batch_sharding)
+    history = []
+    for _ in range(20):
+        state, metrics = setup.train_step(state, batch)
+        host = jax.device_get(metrics)
+        assert host.pop("finite"), host
+        assert all(np.isfinite(v) for v in host.values()), host
+        history.append(host["loss"])
+    assert {"alignment", "energy", "grad_norm", "learning_rate", "probe_accuracy"} <= set(host)
+    assert np.mean(history[-5:]) < np.mean(history[:5]), history
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+    assert int(state.step) == 20
+
+
+def test_step_on_8_devices_equals_1_device(eight_devices):
+    """Same loss, updated parameters, BatchNorm statistics and probe within 1e-5, two steps.
+
+    The views come from per-example keys of (rng, step), so they do not depend on the split;
+    this is also what makes dhel-train's CPU split (--cpu_devices) change nothing but round-off.
+    """
+    results = []
+    for devices in (eight_devices, eight_devices[:1]):
+        setup = train_worker.build_training(devices)
+        state = setup.init()
+        batch = train.global_batch(fixed_batch(), setup.batch_sharding)
+        losses_ = []
+        for _ in range(2):
+            state, metrics = setup.train_step(state, batch)
+            losses_.append(float(metrics["loss"]))
+        results.append((losses_, _leaves(state)))
+    (loss8, state8), (loss1, state1) = results
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+    assert state8.keys() == state1.keys()
+    for key in state8:
+        np.testing.assert_allclose(state8[key], state1[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    # Two steps really moved the parameters and statistics.
+    fresh = _leaves(train_worker.build_training(eight_devices[:1]).init())
+    moved = [k for k in fresh if "params" in k and not np.array_equal(fresh[k], state1[k])]
+    assert any("batch_stats" in k and not np.array_equal(fresh[k], state1[k]) for k in fresh)
+    assert len(moved) > len(fresh) // 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: logging, checkpoints, resume.
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, compilation_cache):
+    """Run A: the tiny config's 8 steps, uninterrupted (checkpoints at 4 and 8)."""
+    workdir = tmp_path_factory.mktemp("run_a")
+    seen = []
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        state = train.train_and_evaluate(
+            tiny_config(),
+            str(workdir),
+            hooks=[lambda step, m: seen.append((step, m["loss"]))],
+            compiler_options=COMPILER_OPTIONS,
+        )
+    return workdir, state, seen
+
+
+def test_run_logs_metrics_tensorboard_config_and_checkpoints(run_a):
+    workdir, state, seen = run_a
+    assert int(state.step) == 8
+    assert [s for s, _ in seen] == list(range(1, 9))
+    records = _metrics(workdir)
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r in records:
+        for key in ("loss", "alignment", "energy", "learning_rate", "grad_norm", "probe_accuracy"):
+            assert np.isfinite(r[key]), (key, r)
+        assert r["epoch"] == pytest.approx(r["step"] * 16 / 64)
+    assert all("images_per_sec" in r for r in records[1:])
+    assert [r["loss"] for r in records] == pytest.approx([loss for _, loss in seen])
+    # The logged learning rate is the schedule: linear scaling 1.0 * 16 / 256, cosine decay.
+    lr = [1.0 * 16 / 256 * (1 + np.cos(np.pi * t / 8)) / 2 for t in range(8)]
+    np.testing.assert_allclose([r["learning_rate"] for r in records], lr, rtol=1e-5)
+    assert list(workdir.glob("events.out.tfevents.*"))
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved == json.loads(json.dumps(tiny_config().to_dict()))
+    assert checkpointing.available_steps(workdir) == [4, 8]
+    config, variables, step = checkpointing.restore_for_eval(workdir)
+    assert step == 8 and config.model.name == "resnet_tiny"
+    for key, value in _leaves({"params": state.params, "batch_stats": state.batch_stats}).items():
+        np.testing.assert_array_equal(_leaves(variables)[key], value)
+
+
+def test_resume_after_sigkill_is_exact(run_a, tmp_path, compilation_cache, mocked):
+    """Run B is SIGKILLed in a subprocess right after its step-4 checkpoint, then resumed here:
+    the final state is bitwise equal to run A's, and every step saw the same batch (same
+    per-step losses, same data-iterator state)."""
+    workdir_a, state_a, _ = run_a
+    workdir = tmp_path / "run_b"
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "kill", str(workdir), "4"],
+        env=_env(compilation_cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert checkpointing.available_steps(workdir) == [4]
+
+    state_b = train.train_and_evaluate(
+        tiny_config(), str(workdir), compiler_options=COMPILER_OPTIONS
+    )
+    leaves_a, leaves_b = _leaves(state_a), _leaves(state_b)
+    assert leaves_a.keys() == leaves_b.keys()
+    for key in leaves_a:
+        np.testing.assert_array_equal(leaves_b[key], leaves_a[key], err_msg=key)
+    assert [r["step"] for r in _metrics(workdir)] == list(range(1, 9))
+    assert [r["loss"] for r in _metrics(workdir)] == [r["loss"] for r in _metrics(workdir_a)]
+    data_a = (workdir_a / "checkpoints" / "8" / "data" / "process_0-of-1.json").read_text()
+    data_b = (workdir / "checkpoints" / "8" / "data" / "process_0-of-1.json").read_text()
+    assert json.loads(data_a) == json.loads(data_b)
+
+
+def test_finished_run_resumes_to_nothing(run_a, tmp_path, mocked):
+    """Re-running a finished workdir restores step 8 and trains no further step."""
+    workdir = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(run_a[0], workdir)
+    state = train.train_and_evaluate(tiny_config(), str(workdir), compiler_options=COMPILER_OPTIONS)
+    assert int(state.step) == 8
+    assert checkpointing.available_steps(workdir) == [4, 8]
+
+
+def test_corrupt_or_incompatible_checkpoint_is_reported_and_not_overwritten(
+    run_a, tmp_path, mocked
+):
+    import shutil
+
+    workdir = tmp_path / "corrupt"
+    shutil.copytree(run_a[0], workdir)
+    wider = tiny_config()
+    wider.model.head_out_dim = 12
+    before = _hash_tree(workdir / "checkpoints")
+    with pytest.raises(
+        checkpointing.CheckpointError, match=r"(?s)checkpoints/8: .*available steps.*\[4, 8\]"
+    ):
+        train.train_and_evaluate(wider, str(workdir), compiler_options=COMPILER_OPTIONS)
+    assert _hash_tree(workdir / "checkpoints") == before
+
+    for f in (workdir / "checkpoints" / "8" / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    before = _hash_tree(workdir / "checkpoints")
+    with pytest.raises(
+        checkpointing.CheckpointError, match=r"(?s)checkpoints/8: .*available steps.*\[4, 8\]"
+    ):
+        train.train_and_evaluate(tiny_config(), str(workdir), compiler_options=COMPILER_OPTIONS)
+    assert _hash_tree(workdir / "checkpoints") == before
+
+
+def test_nan_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, mocked, monkeypatch):
+    """A NaN injected into the loss of step 3 (of 8, checkpoints every 2) raises an error naming
+    step 3 and checkpoint 2; nothing at or after step 3 is saved; step 2 stays restorable."""
+    calls = {"n": 0}
+
+    def poison() -> np.ndarray:
+        calls["n"] += 1
+        return np.float32(np.nan if calls["n"] == 3 else 0.0)
+
+    @functools.wraps(losses.dhel)
+    def dhel_with_nan(z1, z2, **kwargs):
+        loss, aux = losses.dhel(z1, z2, **kwargs)
+        nan = jax.pure_callback(poison, jax.ShapeDtypeStruct((), jnp.float32))
+        return loss + nan, aux
+
+    monkeypatch.setitem(losses.LOSSES, "dhel", dhel_with_nan)
+    config = tiny_config()
+    config.checkpoint_every_steps = 2
+    workdir = tmp_path / "nan"
+    with pytest.raises(
+        FloatingPointError, match=r"step 3: loss = nan.*last good checkpoint is step 2"
+    ):
+        train.train_and_evaluate(config, str(workdir), compiler_options=COMPILER_OPTIONS)
+    assert checkpointing.available_steps(workdir) == [2]
+    assert not list((workdir / "checkpoints").glob("*tmp*"))
+    _, variables, step = checkpointing.restore_for_eval(workdir)
+    assert step == 2
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(variables))
+    assert [r["step"] for r in _metrics(workdir)] == [1, 2]
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, compilation_cache):
+    """dhel-train with command-line overrides; SIGTERM while it trains: it checkpoints the
+    current step, exits with status 0, and the checkpoint is restorable."""
+    workdir = tmp_path / "term"
+    args = [
+        f"--config={ROOT / 'configs' / 'fashion_mnist.py'}",
+        f"--workdir={workdir}",
+        "--config.model.name=resnet_tiny",
+        "--config.model.num_filters=4",
+        "--config.model.head_hidden_dim=16",
+        "--config.model.head_out_dim=8",
+        "--config.augment.out_size=16",
+        "--config.batch_size=16",
+        "--config.num_epochs=1000",
+        "--config.optimizer.warmup_epochs=0",
+        "--config.log_every_steps=1",
+        "--config.checkpoint_every_steps=100000",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "cli", *args],
+        env=_env(
+            compilation_cache,
+            XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_backend_optimization_level=0",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics_file = workdir / train.METRICS_FILENAME
+    _wait_for(lambda: metrics_file.exists() and len(_metrics(workdir)) >= 2, 300, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    (step,) = checkpointing.available_steps(workdir)
+    assert 2 <= step < 4000
+    assert _metrics(workdir)[-1]["step"] == step
+    config, variables, restored = checkpointing.restore_for_eval(workdir)
+    assert restored == step and config.batch_size == 16 and config.model.num_filters == 4
+    chex.assert_trees_all_equal_shapes(
+        variables["params"]["head"],
+        {
+            "hidden1": {"kernel": np.zeros((8, 16))},
+            "hidden1_bn": {"bias": np.zeros(16), "scale": np.zeros(16)},
+            "output": {"bias": np.zeros(8), "kernel": np.zeros((16, 8))},
+        },
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_train_like_one(tmp_path, eight_devices, compilation_cache):
+    """2 processes x 2 CPU devices (jax.distributed on localhost, each feeding half the batch)
+    take 2 steps to the same state as 1 process x 4 devices."""
+    port = _free_port()
+    env = _env(compilation_cache)
+    env.pop("XLA_FLAGS", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "multiprocess", str(pid), str(port), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for pid in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+
+    setup = train_worker.build_training(eight_devices[:4])
+    state = setup.init()
+    batch = train.global_batch(fixed_batch(), setup.batch_sharding)
+    for _ in range(2):
+        state, metrics = setup.train_step(state, batch)
+    got = np.load(tmp_path / "state.npz")
+    np.testing.assert_allclose(got["loss"], metrics["loss"], rtol=1e-5)
+    want = _leaves(state)
+    assert set(got.files) - {"loss"} == set(want)
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)

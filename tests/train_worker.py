@@ -1,0 +1,141 @@
+"""Subprocess side of tests/test_train.py: each mode runs in a fresh Python process.
+
+    python train_worker.py kill WORKDIR STEP
+        Trains :func:`tiny_config` on mocked data in WORKDIR and SIGKILLs itself as soon as the
+        checkpoint of STEP is complete on disk (a preempted VM that got no notice).
+    python train_worker.py cli ARG...
+        Runs ``dhel-train ARG...`` (``dhel_jax.main.train_main``) on mocked data.
+    python train_worker.py multiprocess PROCESS_ID PORT OUT_DIR
+        One of 2 processes x 2 CPU devices (jax.distributed on localhost): two train steps of
+        :func:`tiny_config` on the global batch of :func:`fixed_batch`, each process feeding
+        its half; process 0 saves the resulting state to OUT_DIR/state.npz.
+
+The kill and cli modes inherit XLA_FLAGS (8 CPU devices under the test suite).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+MOCK_EXAMPLES = 64
+# Compiles the tiny model's step twice as fast; the numbers are the same in every mode.
+COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def tiny_config():
+    """A 2-epoch run of ResNet-tiny on 16x16 views of mocked Fashion-MNIST (8 steps)."""
+    from dhel_jax import train
+
+    config = train.default_config()
+    config.dataset = "fashion_mnist"
+    config.model.name = "resnet_tiny"
+    config.model.head_hidden_dim = 16
+    config.model.head_out_dim = 8
+    config.augment.out_size = 16
+    config.batch_size = 16
+    config.num_epochs = 2
+    config.optimizer.warmup_epochs = 0.0
+    config.log_every_steps = 1
+    config.checkpoint_every_steps = 4
+    return config
+
+
+def build_training(devices, config=None):
+    """``train.make_training`` of ``config`` (default :func:`tiny_config`) over ``devices``,
+    for the 8 steps of a 64-example run."""
+    from dhel_jax import parallel, train
+
+    counts = train.StepCounts(num_examples=64, steps_per_epoch=4, total_steps=8, warmup_steps=0)
+    return train.make_training(
+        config or tiny_config(),
+        parallel.data_mesh(devices),
+        counts,
+        compiler_options=COMPILER_OPTIONS,
+    )
+
+
+def fixed_batch(batch_size: int = 16):
+    """A deterministic uint8 batch shaped like Fashion-MNIST, with labels."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    return {
+        "image": rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
+        "label": rng.integers(0, 10, batch_size).astype(np.int32),
+    }
+
+
+def _kill(workdir: str, step: int) -> None:
+    import signal
+
+    import tensorflow_datasets as tfds
+
+    from dhel_jax import checkpointing, train
+
+    def kill_after_checkpoint(done: int, metrics) -> None:
+        del metrics
+        if done == step:
+            while step not in checkpointing.available_steps(workdir):
+                time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        train.train_and_evaluate(
+            tiny_config(), workdir, hooks=[kill_after_checkpoint], compiler_options=COMPILER_OPTIONS
+        )
+    raise SystemExit("not killed")
+
+
+def _cli(args: list[str]) -> None:
+    import tensorflow_datasets as tfds
+
+    from dhel_jax import main
+
+    sys.argv = ["dhel-train", *args]
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        main.train_main()
+
+
+def _multiprocess(process_id: int, port: int, out_dir: str) -> None:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=process_id)
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from dhel_jax import train
+
+    assert jax.process_count() == 2 and jax.device_count() == 4, jax.devices()
+    setup = build_training(jax.devices())
+    batch = fixed_batch()
+    half = len(batch["label"]) // 2
+    local = {k: v[process_id * half : (process_id + 1) * half] for k, v in batch.items()}
+    state = setup.init()
+    for _ in range(2):
+        state, metrics = setup.train_step(state, train.global_batch(local, setup.batch_sharding))
+    host = jax.tree.map(np.asarray, multihost_utils.process_allgather(state, tiled=True))
+    if process_id == 0:
+        leaves = jax.tree_util.tree_flatten_with_path(host)[0]
+        np.savez(
+            os.path.join(out_dir, "state.npz"),
+            loss=np.asarray(metrics["loss"]),
+            **{jax.tree_util.keystr(path): leaf for path, leaf in leaves},
+        )
+    multihost_utils.sync_global_devices("done")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    mode, rest = sys.argv[1], sys.argv[2:]
+    if mode == "kill":
+        _kill(rest[0], int(rest[1]))
+    elif mode == "cli":
+        _cli(rest)
+    elif mode == "multiprocess":
+        _multiprocess(int(rest[0]), int(rest[1]), rest[2])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
