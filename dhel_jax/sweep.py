@@ -61,11 +61,13 @@ import fnmatch
 import importlib.util
 import io
 import json
+import math
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -133,9 +135,7 @@ def load_sweep(path: str | os.PathLike) -> ml_collections.ConfigDict:
     path = Path(path)
     if not path.is_file():
         raise SweepError(f"sweep file {os.fspath(path)!r} does not exist.")
-    spec = importlib.util.spec_from_file_location(f"dhel_sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _import_file(path, f"dhel_sweep_{path.stem}")
     if not hasattr(module, "get_sweep"):
         raise SweepError(f"sweep file {os.fspath(path)!r} defines no get_sweep().")
     sweep = module.get_sweep()
@@ -148,6 +148,15 @@ def load_sweep(path: str | os.PathLike) -> ml_collections.ConfigDict:
         sweep.config = os.path.normpath(path.parent.resolve() / sweep.config)
     validate_sweep(sweep)
     return sweep
+
+
+def _import_file(path: Path, name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SweepError(f"cannot import {os.fspath(path)!r} as a Python module.")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -174,7 +183,7 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
     missing = [k for k in (*required, "seeds") if k not in sweep]
     if missing:
         raise SweepError(f"sweep: missing field(s) {', '.join(missing)}; a sweep sets {required}.")
-    optional = ("seeds", "description", "loss_order")
+    optional = ("seeds", "description", "loss_order", "comparisons")
     extra = sorted(set(sweep) - {*required, *optional})
     if extra:
         raise SweepError(f"sweep: unknown field {extra[0]!r}; accepted: {required + optional}.")
@@ -234,13 +243,20 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
         if temperature in loss:
             raise SweepError(
                 f"sweep.losses.{label}.loss.{temperature} is set; the sweep sets it per run "
-                f"(its temperatures, and the SPEC default {hparams[temperature]} for the batch view)."
+                f"(its temperatures, and the SPEC default {hparams[temperature]} for the "
+                "batch-size view)."
             )
         values = tuple(entry.get("temperatures") or ())
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if not values or not numbers or min(values) <= 0:
             raise SweepError(
                 f"sweep.losses.{label}.temperatures must be positive numbers; got {values!r}."
+            )
+    for pair in sweep.get("comparisons") or ():
+        if len(pair) != 2 or not all(label in sweep.losses for label in pair):
+            raise SweepError(
+                f"sweep.comparisons: {pair!r} is not a pair of keys of sweep.losses "
+                f"({sorted(sweep.losses)})."
             )
     # Every run's config must build: check one cell of each loss now, not hours into the sweep.
     checked: set[str] = set()
@@ -254,6 +270,8 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
 
 
 PAPER_LOSS_ORDER = ("simclr", "dcl", "dhel", "kcl")
+# The paper's claims: DHEL and KCL against SimCLR and DCL (``sweep.comparisons``).
+PAPER_COMPARISONS = (("dhel", "simclr"), ("dhel", "dcl"), ("kcl", "simclr"), ("kcl", "dcl"))
 
 
 def paper_losses(
@@ -348,10 +366,7 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Cell]:
 
 
 def _load_config_file(path: str) -> ml_collections.ConfigDict:
-    spec = importlib.util.spec_from_file_location(f"dhel_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return _import_file(Path(path), f"dhel_config_{Path(path).stem}").get_config()
 
 
 def run_overrides(sweep: ml_collections.ConfigDict, cell: Cell, seed: int) -> dict[str, Any]:
@@ -526,21 +541,29 @@ def python_launcher(tool: str) -> list[str]:
 
 
 def run_tool(tool: str) -> None:
-    """Runs console script ``tool`` (``dhel-train`` or ``dhel-eval``) with ``sys.argv[1:]``, as
-    a subprocess of the sweep process whose pid is ``$DHEL_SWEEP_PID``: on Linux it gets SIGTERM
-    (checkpoint and stop) when that process dies, so it cannot outlive a killed sweep and train
-    alongside the next one on the same workdir."""
-    parent = os.environ.get(PARENT_ENV)
-    if parent and sys.platform.startswith("linux"):
-        import ctypes
+    """Runs console script ``tool`` (``dhel-train`` or ``dhel-eval``) with ``sys.argv[1:]``.
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() != int(parent):  # The sweep died before prctl.
+    As a subprocess of the sweep process whose pid is ``$DHEL_SWEEP_PID``, it sends itself one
+    SIGTERM (``dhel-train``: checkpoint and stop) if that process dies, so it cannot outlive a
+    killed sweep and train alongside the next one on the same workdir. (A watcher thread, not
+    Linux's PR_SET_PDEATHSIG, which can fire more than once and a second SIGTERM makes
+    ``dhel-train`` exit without its checkpoint.)
+    """
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        if os.getppid() != int(parent):
             sys.exit(f"{tool}: the dhel-sweep process {parent} is gone; not starting.")
+        threading.Thread(target=_watch_parent, args=(int(parent),), daemon=True).start()
     from dhel_jax import main
 
     sys.argv[0] = tool
     getattr(main, TOOLS[tool])()
+
+
+def _watch_parent(parent: int, interval: float = 1.0) -> None:
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def hardware() -> dict[str, Any]:
@@ -577,12 +600,9 @@ class _Stop:
         )
 
     def __enter__(self) -> _Stop:
-        if sys.platform != "win32":
-            import threading
-
-            if threading.current_thread() is threading.main_thread():
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    self._previous[sig] = signal.signal(sig, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -881,7 +901,7 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         label: sorted(names, key=lambda n: cells[n]["temperature"])
         for label, names in views["temperature"].items()
     }
-    return {
+    results = {
         "sweep": sweep.name,
         "description": sweep.get("description"),
         "config": os.path.relpath(sweep.config),
@@ -902,6 +922,7 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         "statistics": "mean and sample standard deviation (ddof = 1) over the seeds that finished",
         "cells": list(cells.values()),
         "views": views,
+        "comparisons": [list(p) for p in sweep.get("comparisons") or ()],
         "complete": not missing,
         "num_runs": len(runs),
         "missing": missing,
@@ -912,6 +933,68 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         "hardware": hosts,
         "devices": devices,
     }
+    results["differences"] = differences(results)
+    results["robustness"] = robustness(results)
+    return results
+
+
+def _difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``a - b`` of two cell summaries, with the standard error of that difference of means,
+    ``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` (None unless both cells have >= 2 seeds)."""
+    if not a["n"] or not b["n"]:
+        return None
+    se = None
+    if a["std"] is not None and b["std"] is not None:
+        se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return {"difference": a["mean"] - b["mean"], "standard_error": se}
+
+
+def differences(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """For each pair ``(a, b)`` of ``results["comparisons"]`` and each batch size of the batch
+    view: ``a - b`` of every metric's mean and its standard error (:func:`_difference`)."""
+    cells = {c["name"]: c for c in results["cells"]}
+    view = results["views"]["batch_size"]
+    out = []
+    for a, b in results["comparisons"]:
+        by_batch = {
+            label: {cells[n]["batch_size"]: cells[n] for n in view.get(label, [])}
+            for label in (a, b)
+        }
+        for batch in results["batch_sizes"]:
+            ca, cb = by_batch[a].get(batch), by_batch[b].get(batch)
+            if ca is None or cb is None:
+                continue
+            out.append(
+                {
+                    "losses": [a, b],
+                    "batch_size": batch,
+                    **{m: _difference(ca["summary"][m], cb["summary"][m]) for m in METRICS},
+                }
+            )
+    return out
+
+
+def robustness(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per loss, for the linear-probe accuracy: the range (max - min) of the cell means over the
+    batch sizes and over the temperatures, and the median seed standard deviation of its cells
+    (None where cells are missing)."""
+    cells = {c["name"]: c for c in results["cells"]}
+    out = {}
+    for loss in results["losses"]:
+        entry: dict[str, Any] = {}
+        for view in ("batch_size", "temperature"):
+            names = results["views"][view].get(loss, [])
+            means = [cells[n]["summary"]["linear_probe"]["mean"] for n in names]
+            ok = means and all(m is not None for m in means)
+            entry[f"{view}_range"] = max(means) - min(means) if ok else None
+        stds = [
+            c["summary"]["linear_probe"]["std"]
+            for c in results["cells"]
+            if c["loss"] == loss and c["summary"]["linear_probe"]["std"] is not None
+        ]
+        entry["median_seed_std"] = float(np.median(stds)) if stds else None
+        out[loss] = entry
+    return out
 
 
 def _cell_text(summary: Mapping[str, Any], scale: float, decimals: int, seeds: int) -> str:
@@ -991,6 +1074,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 row += ["-"] * (width - len(names))
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
+    lines += _comparison_lines(results)
     wall = results["wall_time"]
     lines += [
         "## Runs",
@@ -1007,6 +1091,57 @@ def markdown(results: Mapping[str, Any]) -> str:
         lines += ["", "Not finished:", ""]
         lines += [f"- `{m['run']}`: {m['status']} (step {m['step']})" for m in results["missing"]]
     return "\n".join(lines) + "\n"
+
+
+def _comparison_lines(results: Mapping[str, Any]) -> list[str]:
+    lines = []
+    if results["differences"]:
+        lines += [
+            "## Differences (batch-size view)",
+            "",
+            "Difference of the means ± its standard error sqrt(s_a²/n_a + s_b²/n_b) from the seed "
+            "standard deviations (with 2 seeds the standard error is itself rough; a difference "
+            "smaller than about twice it is not resolved by this sweep).",
+            "",
+        ]
+        for metric in ("linear_probe", "effective_rank_features"):
+            _, label, scale, decimals = METRICS[metric]
+            header = ["losses"] + [f"B = {b}" for b in results["batch_sizes"]]
+            lines += [f"### {label}: difference", ""]
+            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            for a, b in results["comparisons"]:
+                row = [f"{a} − {b}"]
+                for batch in results["batch_sizes"]:
+                    d = next(
+                        (
+                            x[metric]
+                            for x in results["differences"]
+                            if x["losses"] == [a, b] and x["batch_size"] == batch
+                        ),
+                        None,
+                    )
+                    if d is None:
+                        row.append("missing")
+                        continue
+                    text = f"{d['difference'] * scale:+.{decimals}f}"
+                    if d["standard_error"] is not None:
+                        text += f" ± {d['standard_error'] * scale:.{decimals}f}"
+                    row.append(text)
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    lines += [
+        "## Robustness of the linear-probe accuracy (percentage points)",
+        "",
+        "| loss | range over batch sizes | range over temperatures | median seed std |",
+        "|---|---:|---:|---:|",
+    ]
+    for loss, entry in results["robustness"].items():
+        cells = [
+            "missing" if entry[k] is None else f"{100 * entry[k]:.2f}"
+            for k in ("batch_size_range", "temperature_range", "median_seed_std")
+        ]
+        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _save_png(fig: Any, path: Path) -> None:

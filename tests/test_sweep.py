@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import sys
 import textwrap
@@ -50,6 +51,7 @@ def get_sweep():
         "dhel": {"loss": {"name": "dhel"}, "temperature": "tau", "temperatures": (0.3,)},
     }
     sweep.loss_order = ("simclr", "dhel")
+    sweep.comparisons = (("dhel", "simclr"),)
     sweep.batch_sizes = (16,)
     sweep.temperature_batch_size = 16
     sweep.seeds = (0, 1)
@@ -191,6 +193,7 @@ def test_train_command_builds_the_run_config(tmp_path):
         ("sweep.batch_sizes = (16, 16)", "sweep.batch_sizes must be distinct"),
         ("sweep.seeds = ()", "sweep.seeds must be distinct"),
         ('sweep.loss_order = ("dhel",)', "sweep.loss_order must list every key"),
+        ('sweep.comparisons = (("dhel", "kcl"),)', "sweep.comparisons: ('dhel', 'kcl') is not"),
         ('sweep.overrides = {"model": {"name": "vgg"}}', "config.model.name: unknown value"),
         ('sweep.config = "nope.py"', "no such training config file"),
         ("sweep.bogus = 1", "unknown field 'bogus'"),
@@ -198,8 +201,104 @@ def test_train_command_builds_the_run_config(tmp_path):
 )
 def test_bad_sweeps_fail_clearly(tmp_path, change, message):
     text = TINY_SWEEP.replace("    return sweep", f"    {change}\n    return sweep")
-    with pytest.raises(sweep.SweepError, match=message.replace("(", r"\(")):
+    with pytest.raises(sweep.SweepError, match=re.escape(message)):
         sweep.load_sweep(_write_sweep(tmp_path, text))
+
+
+def _synthetic_results(linear_probe: dict[str, list[float]]) -> dict:
+    """Results of a sweep over SimCLR (tau) and KCL (t), batch sizes 32 and 64, temperatures
+    at batch 64, from given per-seed accuracies (every metric takes the same values)."""
+    views = {"batch_size": {}, "temperature": {}}
+    cells = []
+    for name, values in linear_probe.items():
+        loss, batch, temp = name.split("_")
+        tname = "tau" if temp.startswith("tau") else "t"
+        value = float(temp[len(tname) :])
+        default = {"simclr": 0.5, "kcl": 2.0}[loss]
+        cell_views = (["batch_size"] if value == default else []) + (
+            ["temperature"] if batch == "b64" else []
+        )
+        for view in cell_views:
+            views[view].setdefault(loss, []).append(name)
+        n = len(values)
+        summary = {
+            "mean": statistics.mean(values) if n else None,
+            "std": statistics.stdev(values) if n > 1 else None,
+            "n": n,
+        }
+        cells.append(
+            {
+                "name": name,
+                "loss": loss,
+                "batch_size": int(batch[1:]),
+                "temperature_name": tname,
+                "temperature": value,
+                "views": cell_views,
+                "summary": dict.fromkeys(sweep.METRICS, summary),
+            }
+        )
+    by_name = {c["name"]: c for c in cells}
+    for names in views["temperature"].values():  # ascending, as aggregate() orders them
+        names.sort(key=lambda n: by_name[n]["temperature"])
+    results = {
+        "sweep": "synthetic",
+        "losses": {
+            "simclr": {"temperature": "tau", "default": 0.5, "temperatures": [0.1, 0.5]},
+            "kcl": {"temperature": "t", "default": 2.0, "temperatures": [1.0, 2.0]},
+        },
+        "batch_sizes": [32, 64],
+        "temperature_batch_size": 64,
+        "seeds": [0, 1],
+        "cells": cells,
+        "views": views,
+        "comparisons": [["kcl", "simclr"]],
+        "complete": False,
+        "num_runs": 2 * len(cells),
+        "missing": [{"run": "kcl_b32_t2/seed0", "status": "new", "step": 0}],
+        "wall_time": {"train_seconds": 0.0, "eval_seconds": 0.0, "total_seconds": 0.0},
+        "hardware": [],
+        "devices": [],
+    }
+    results["differences"] = sweep.differences(results)
+    results["robustness"] = sweep.robustness(results)
+    return results
+
+
+def test_differences_robustness_and_tables_of_both_views(tmp_path):
+    values = {
+        "simclr_b32_tau0.5": [0.70, 0.74],
+        "simclr_b64_tau0.5": [0.80, 0.81],
+        "simclr_b64_tau0.1": [0.60, 0.66],
+        "kcl_b32_t2": [],  # missing
+        "kcl_b64_t2": [0.83, 0.86],
+        "kcl_b64_t1": [0.82, 0.84],
+    }
+    results = _synthetic_results(values)
+    diffs = {d["batch_size"]: d for d in results["differences"]}
+    assert diffs[32]["linear_probe"] is None  # no KCL run at B = 32
+    diff = diffs[64]
+    assert diff["linear_probe"]["difference"] == pytest.approx(0.845 - 0.805)
+    se = ((0.03**2 / 2) / 2 + (0.01**2 / 2) / 2) ** 0.5  # variances 0.03^2/2 and 0.01^2/2
+    assert diff["linear_probe"]["standard_error"] == pytest.approx(se)
+    rob = results["robustness"]
+    assert rob["simclr"]["batch_size_range"] == pytest.approx(0.805 - 0.72)
+    assert rob["simclr"]["temperature_range"] == pytest.approx(0.805 - 0.63)
+    assert rob["kcl"]["batch_size_range"] is None  # a missing cell: no range
+    assert rob["kcl"]["temperature_range"] == pytest.approx(0.845 - 0.83)
+    assert rob["simclr"]["median_seed_std"] == pytest.approx(
+        statistics.median([statistics.stdev(v) for k, v in values.items() if "simclr" in k])
+    )
+
+    table = sweep.markdown(results)
+    assert "| simclr (τ = 0.5) | 72.00 ± 2.83 | 80.50 ± 0.71 |" in table
+    assert "| kcl (t = 2) | missing | 84.50 ± 2.12 |" in table
+    assert "| loss | τ = 0.1 / t = 1 | τ = 0.5 / t = 2 |" in table
+    assert "| kcl (t) | 83.00 ± 1.41 | 84.50 ± 2.12 |" in table
+    assert f"| kcl − simclr | missing | +4.00 ± {100 * se:.2f} |" in table
+    assert "| simclr | 8.50 | 17.50 | 2.83 |" in table
+    assert "`kcl_b32_t2/seed0`: new (step 0)" in table
+    paths = sweep.plot_results(results, tmp_path)
+    assert all(Path(p).read_bytes()[:8] == PNG_SIGNATURE for p in paths.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +311,9 @@ def subprocess_env(tmp_path_factory):
     env = dict(os.environ)
     env.update(
         PYTHONPATH=str(ROOT),
+        # 2 devices instead of the suite's 8, and XLA's quickest compilation: the subprocesses
+        # compile every program once (the tests compare them with themselves only).
+        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
         JAX_COMPILATION_CACHE_DIR=cache,
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
@@ -348,6 +450,14 @@ def test_aggregate_json_table_and_plots(invocations, tmp_path):
             assert summary["mean"] == pytest.approx(statistics.mean(values), rel=1e-12)
             assert summary["std"] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-15)
             assert [r[metric] for r in cells[name]["runs"]] == values
+    (diff,) = results["differences"]
+    assert diff["losses"] == ["dhel", "simclr"] and diff["batch_size"] == 16
+    a, b = cells["dhel_b16_tau0.3"]["runs"], cells["simclr_b16_tau0.5"]["runs"]
+    xa, xb = [r["linear_probe"] for r in a], [r["linear_probe"] for r in b]
+    want = statistics.mean(xa) - statistics.mean(xb)
+    se = (statistics.variance(xa) / 2 + statistics.variance(xb) / 2) ** 0.5
+    assert diff["linear_probe"]["difference"] == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert diff["linear_probe"]["standard_error"] == pytest.approx(se, rel=1e-9, abs=1e-15)
     assert results["wall_time"]["train_seconds"] > 0 and results["wall_time"]["eval_seconds"] > 0
     assert results["hardware"] and results["devices"]
 

@@ -21,7 +21,7 @@ rule for every loss and was not tuned for any.
 
 import ml_collections
 
-from dhel_jax.sweep import PAPER_LOSS_ORDER, paper_losses
+from dhel_jax.sweep import PAPER_COMPARISONS, PAPER_LOSS_ORDER, paper_losses
 
 
 def get_sweep() -> ml_collections.ConfigDict:
@@ -39,6 +39,7 @@ def get_sweep() -> ml_collections.ConfigDict:
     }
     sweep.losses = paper_losses()
     sweep.loss_order = PAPER_LOSS_ORDER
+    sweep.comparisons = PAPER_COMPARISONS
     sweep.batch_sizes = (32, 64, 128, 256)
     sweep.temperature_batch_size = 128
     sweep.seeds = (0, 1)

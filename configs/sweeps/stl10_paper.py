@@ -16,7 +16,7 @@ at B = 256, 41,015 at B = 512).
 
 import ml_collections
 
-from dhel_jax.sweep import PAPER_LOSS_ORDER, paper_losses
+from dhel_jax.sweep import PAPER_COMPARISONS, PAPER_LOSS_ORDER, paper_losses
 
 
 def get_sweep() -> ml_collections.ConfigDict:
@@ -30,6 +30,7 @@ def get_sweep() -> ml_collections.ConfigDict:
     sweep.overrides = {"eval": {"protocol": "paper"}}
     sweep.losses = paper_losses()
     sweep.loss_order = PAPER_LOSS_ORDER
+    sweep.comparisons = PAPER_COMPARISONS
     sweep.batch_sizes = (32, 64, 128, 256, 512)
     sweep.temperature_batch_size = 256
     sweep.seeds = (0, 1)
