@@ -194,7 +194,7 @@ def restore_for_eval(
         config = _to_config(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path / CONFIG))
         # Only the model variables are read (partial restore), onto this host's first device
         # whatever the device layout of the run that saved them.
-        metadata = ocp.PyTreeCheckpointer().metadata(path / STATE).item_metadata.tree
+        metadata = ocp.PyTreeCheckpointHandler().metadata(path / STATE).tree
         device = jax.local_devices()[0]
         target = {
             key: jax.tree.map(

@@ -30,6 +30,7 @@ import re
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -123,6 +124,13 @@ def _configure_cpu_devices(batch_size: int) -> None:
         os.environ["XLA_FLAGS"] = f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
 
 
+class _OwnInfoOnly(logging.Filter):
+    """Keeps INFO records of dhel_jax only (Orbax logs every save at INFO), and every warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "dhel_jax" in record.pathname
+
+
 def _train(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -132,6 +140,7 @@ def _train(argv: list[str]) -> None:
             "usage: dhel-train --config configs/fashion_mnist.py --workdir runs/NAME "
             "[--config.<field>=<value> ...]"
         )
+    absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
     distributed = _DISTRIBUTED.value == "true" or (
         _DISTRIBUTED.value == "auto" and _multiprocess_environment()
     )

@@ -799,22 +799,21 @@ class _MetricsLog:
         self._t0: float | None = None
         self.bar = None
         self.writer = None
-        self.last: dict[str, float] = {}
         if not enabled:
             return
         import tensorboardX
         import tqdm
 
-        path = workdir / METRICS_FILENAME
-        if path.exists():
+        self._path = workdir / METRICS_FILENAME
+        self._lines: list[str] = []
+        if self._path.exists():
             # Resuming: drop lines logged after the restored checkpoint (they will be redone).
-            kept = [
+            self._lines = [
                 line
-                for line in path.read_text().splitlines()
+                for line in self._path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= start_step
             ]
-            path.write_text("".join(line + "\n" for line in kept))
-        self._file = path.open("a")
+        self._rewrite()
         self.writer = tensorboardX.SummaryWriter(
             str(workdir), purge_step=start_step + 1 if start_step else None
         )
@@ -846,10 +845,13 @@ class _MetricsLog:
             self._t0, self._timed_steps = time.perf_counter(), 0
         self._sums.clear()
         self._count = 0
-        self.last = record
         if self.enabled:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
+            self._lines.append(json.dumps(record))
+            if "://" in str(self._path):
+                self._rewrite()  # Object stores (gs://) cannot append.
+            else:
+                with self._path.open("a") as f:
+                    f.write(self._lines[-1] + "\n")
             for k, v in record.items():
                 if k != "step":
                     self.writer.add_scalar(f"train/{k}", v, step)
@@ -861,9 +863,11 @@ class _MetricsLog:
             self.bar.set_postfix_str(postfix)
         return record
 
+    def _rewrite(self) -> None:
+        self._path.write_text("".join(line + "\n" for line in self._lines))
+
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
             self.writer.close()
             self.bar.close()
 
