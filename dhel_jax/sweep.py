@@ -3,7 +3,7 @@
 ::
 
     dhel-sweep --sweep configs/sweeps/fmnist_cpu.py [--dry-run] [--aggregate-only] \\
-        [--runs_dir runs/sweeps] [--results_dir results] [--only 'dhel_*']
+        [--runs_dir runs/sweeps] [--results_dir results] [--only 'dhel_*'] [--seeds 0,1]
 
 A sweep file (``configs/sweeps/NAME.py``) defines ``get_sweep()``, returning a
 ``ConfigDict`` (:func:`validate_sweep` checks it):
@@ -12,9 +12,11 @@ A sweep file (``configs/sweeps/NAME.py``) defines ``get_sweep()``, returning a
   ``overrides``: nested config fields shared by every run (the common budget: epochs, model,
   optimiser, augmentation). They may not set ``loss``, ``batch_size`` or ``seed``;
 * ``losses``: ``{label: {loss: {name, <other loss fields>}, temperature: 'tau' | 't',
-  values: (...)}}``. The loss fields (e.g. KCL's kernel) are the only per-loss settings, so no
-  loss is tuned more than another;
-* ``batch_sizes``, ``temperature_batch_size`` and ``seeds``.
+  temperatures: (...)}}``. The loss fields (e.g. KCL's kernel) are the only per-loss
+  settings, so no loss is tuned more than another (:func:`paper_losses` builds the paper's);
+* ``batch_sizes``, ``temperature_batch_size`` and ``seeds``;
+* optionally ``loss_order`` (table order), ``comparisons`` (pairs ``(a, b)`` of loss labels
+  whose differences ``a - b`` are tabulated) and ``description``.
 
 The grid has two views. *Batch size*: every loss at every batch size, at the loss's SPEC.md
 default temperature. *Temperature*: every loss at every value of its temperature, at
@@ -36,15 +38,17 @@ same workdir, which resumes from its latest checkpoint. A run whose workdir hold
 differs from the sweep's (the sweep file was edited) is an error: nothing is overwritten. The
 sweep process holds a lock on each run while working on it (shared with the subprocess), so a
 second ``dhel-sweep`` on the same runs skips what the first is doing. Ctrl-C / SIGTERM make the
-running ``dhel-train`` checkpoint and stop, and the sweep stops after it. A run that stopped on
-a non-finite loss is not retried (``--retry_failed`` does) and is reported as failed.
+running ``dhel-train`` checkpoint and stop, and the sweep stops after it; if the sweep process
+is killed, its subprocess checkpoints and stops by itself (:func:`run_tool`). A run that stopped
+on a non-finite loss is not retried (``--retry_failed`` does) and is reported as failed.
 
 Aggregation (:func:`aggregate`, also on partial results, marking missing runs) reads every
 ``eval.json`` and writes ``<results_dir>/NAME.json`` (every run's numbers, per-cell mean and
 sample standard deviation over seeds, wall times, hardware), ``NAME.md`` (tables: rows are
 losses, columns batch sizes or temperatures; linear-probe and kNN accuracy, effective rank of
-the features and of the projections) and three plots: ``NAME_batch_size.png``,
-``NAME_temperature.png``, ``NAME_effective_rank.png``.
+the features and of the projections; the ``comparisons`` as differences ± standard error; the
+range of each loss's accuracy over batch sizes and temperatures) and three plots:
+``NAME_batch_size.png``, ``NAME_temperature.png``, ``NAME_effective_rank.png``.
 
 The sweep process never starts an accelerator backend (it runs JAX on the CPU only, to count
 steps), so its subprocesses get the whole TPU or GPU. It drives one host; multi-host pods are
@@ -174,16 +178,25 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 
 def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
-    """Checks a sweep's fields (see the module docstring) and builds the config of one run.
+    """Checks a sweep's fields (see the module docstring), and the training config of one cell
+    of each loss with ``dhel_jax.train.validate_config``.
 
     Raises:
       SweepError: naming the bad field, its value and what is accepted.
     """
-    required = ("name", "config", "overrides", "losses", "batch_sizes", "temperature_batch_size")
-    missing = [k for k in (*required, "seeds") if k not in sweep]
+    required = (
+        "name",
+        "config",
+        "overrides",
+        "losses",
+        "batch_sizes",
+        "temperature_batch_size",
+        "seeds",
+    )
+    missing = [k for k in required if k not in sweep]
     if missing:
         raise SweepError(f"sweep: missing field(s) {', '.join(missing)}; a sweep sets {required}.")
-    optional = ("seeds", "description", "loss_order", "comparisons")
+    optional = ("description", "loss_order", "comparisons")
     extra = sorted(set(sweep) - {*required, *optional})
     if extra:
         raise SweepError(f"sweep: unknown field {extra[0]!r}; accepted: {required + optional}.")
@@ -192,7 +205,12 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
     if not os.path.isfile(sweep.config):
         raise SweepError(f"sweep.config: no such training config file {sweep.config!r}.")
     shared = _flatten(_as_dict(sweep.overrides))
-    for key in shared:
+    for key, value in shared.items():
+        if value is None:
+            raise SweepError(
+                f"sweep.overrides.{key} is None; a command-line override needs a value (leave "
+                "the field out to keep the training config's)."
+            )
         if key.split(".")[0] in _RUN_FIELDS:
             raise SweepError(
                 f"sweep.overrides.{key}: the sweep sets {', '.join(_RUN_FIELDS)} per run; "
@@ -432,6 +450,20 @@ def make_runs(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
     return runs
 
 
+def select_runs(runs: Sequence[Run], only: Sequence[str]) -> list[Run]:
+    """The runs whose cell name matches one of the ``fnmatch`` patterns ``only`` (all if none).
+
+    Raises:
+      SweepError: no run matches.
+    """
+    if not only:
+        return list(runs)
+    chosen = [r for r in runs if any(fnmatch.fnmatchcase(r.cell.name, p) for p in only)]
+    if not chosen:
+        raise SweepError(f"--only {list(only)} matches no cell of this sweep.")
+    return chosen
+
+
 def display_command(tool: str, args: Sequence[str]) -> str:
     """The shell command, paths relative to the current directory where shorter."""
 
@@ -486,9 +518,7 @@ class RunState:
     total_steps: int | None
 
 
-def run_state(
-    run: Run, sweep: ml_collections.ConfigDict, counter: StepCounter, *, check_config: bool = True
-) -> RunState:
+def run_state(run: Run, sweep: ml_collections.ConfigDict, counter: StepCounter) -> RunState:
     """Where ``run`` stands on disk.
 
     Raises:
@@ -499,7 +529,7 @@ def run_state(
     steps = checkpointing.available_steps(run.workdir)
     written = _read_json(run.workdir / CONFIG_FILENAME)
     config = None
-    if written is not None and check_config:
+    if written is not None:
         config = run_config(sweep, run.cell, run.seed)
         expected = _normalised(config.to_dict())
         if written != expected:
@@ -513,8 +543,10 @@ def run_state(
                 f"in {', '.join(diff)}. The sweep file changed after the run started; move the "
                 "run away, or use another --runs_dir (nothing was overwritten)."
             )
+    attempts = (_read_json(run.workdir / RECORD_FILENAME) or {}).get("attempts", [])
+    diverged = bool(attempts) and attempts[-1].get("error") == _NON_FINITE
     if not steps:
-        return RunState("new", 0, None)
+        return RunState("failed" if diverged else "new", 0, None)
     config = config or run_config(sweep, run.cell, run.seed)
     total = counter.total_steps(config)
     evaluated = _read_json(run.workdir / EVAL_FILENAME)
@@ -522,10 +554,7 @@ def run_state(
         return RunState("done", total, total)
     if steps[-1] >= total:
         return RunState("trained", steps[-1], total)
-    last = (_read_json(run.workdir / RECORD_FILENAME) or {}).get("attempts", [])
-    if last and last[-1].get("error") == _NON_FINITE:
-        return RunState("failed", steps[-1], total)
-    return RunState("partial", steps[-1], total)
+    return RunState("failed" if diverged else "partial", steps[-1], total)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -732,11 +761,7 @@ def run_sweep(
       run labels (``<cell>/seed<k>``) finished by this call, already finished before it,
       failed (a non-zero exit), held by another sweep process, and not reached after a stop.
     """
-    runs = make_runs(sweep, runs_dir)
-    if only:
-        runs = [r for r in runs if any(fnmatch.fnmatchcase(r.cell.name, p) for p in only)]
-        if not runs:
-            raise SweepError(f"--only {list(only)} matches no cell of sweep {sweep.name}.")
+    runs = select_runs(make_runs(sweep, runs_dir), only)
     counter = StepCounter()
     states = {r.label: run_state(r, sweep, counter) for r in runs}
     todo = [r for r in runs if states[r.label].status != "done"]
@@ -782,7 +807,8 @@ def run_sweep(
                     attempt = _launch("dhel-train", run, run.train_args, launcher, stop, fd, env)
                     _append_record(run.workdir, run, attempt)
                     state = run_state(run, sweep, counter)
-                    failed = attempt["returncode"] != 0
+                    # A tool interrupted by Ctrl-C has stopped, not failed.
+                    failed = attempt["returncode"] != 0 and not stop.requested
                     if failed:
                         print_fn(
                             f"    dhel-train failed (exit {attempt['returncode']}): "
@@ -792,7 +818,8 @@ def run_sweep(
                     print_fn(f"[{i}/{len(todo)}] {run.label}: dhel-eval (step {state.step})")
                     attempt = _launch("dhel-eval", run, run.eval_args, launcher, stop, fd, env)
                     _append_record(run.workdir, run, attempt)
-                    failed = attempt["returncode"] != 0
+                    # A tool interrupted by Ctrl-C has stopped, not failed.
+                    failed = attempt["returncode"] != 0 and not stop.requested
                     if failed:
                         print_fn(
                             f"    dhel-eval failed (exit {attempt['returncode']}): "
@@ -1183,7 +1210,7 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
     seeds = len(results["seeds"])
     paths = {}
     colours = {loss: f"C{i}" for i, loss in enumerate(results["losses"])}
-    note = f"mean ± std over {seeds} seeds"
+    note = f"mean ± std over {seeds} seed{'s' * (seeds > 1)}"
 
     batch_view = results["views"]["batch_size"]
     fig = Figure(figsize=(11, 4.2))
@@ -1360,7 +1387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"sweep {sweep.name}: {len(expand(sweep))} cells x {len(sweep.seeds)} seeds = "
                 f"{len(runs)} runs"
             )
-            for run in runs:
+            for run in select_runs(runs, args.only):
                 state = run_state(run, sweep, counter)
                 step = f" at step {state.step}/{state.total_steps}" if state.step else ""
                 views = "+".join(run.cell.views)

@@ -140,7 +140,8 @@ def test_fmnist_cpu_grid_has_unique_cells_and_one_budget():
         if base is None:
             base = shared
         assert shared == base
-    assert base["num_epochs"] == 3 and base["optimizer.lr_scaling"] == "linear"
+    assert base["num_epochs"] == 4 and base["optimizer.lr_scaling"] == "linear"
+    assert (base["model.num_filters"], base["augment.out_size"]) == (16, 12)
 
 
 @pytest.mark.parametrize(
