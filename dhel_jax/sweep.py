@@ -677,7 +677,7 @@ def _launch(
         load = os.getloadavg()[0]
         start = time.time()
         child_env = dict(os.environ if env is None else env)
-        # One progress-bar line per 30 s in log.txt rather than several per second.
+        # Progress-bar redraws in log.txt: at logged steps and every 30 s, not 10 per second.
         child_env.setdefault("TQDM_MININTERVAL", "30")
         child_env[PARENT_ENV] = str(os.getpid())
         proc = subprocess.Popen(
