@@ -1,0 +1,495 @@
+"""Tests for dhel_jax.sweep (dhel-sweep).
+
+The end-to-end tests run a 2 x 2 sweep (SimCLR and DHEL x seeds 0 and 1) of ResNet-tiny runs on
+``tfds.testing.mock_data`` Fashion-MNIST (64 records, batch 16, 8 steps, checkpoints at steps 4
+and 8). Every ``dhel-train`` / ``dhel-eval`` is a real subprocess (tests/sweep_worker.py), in
+three invocations of the sweep sharing one runs directory:
+
+1. the last run's training is SIGKILLed right after its step-4 checkpoint;
+2. the rerun skips the three finished runs and resumes the killed one from step 4;
+3. a third run does nothing.
+
+Compiled programs go to a persistent XLA cache shared by the subprocesses. The other tests
+check the grids, the configs and the aggregation without training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import ml_collections
+import pytest
+import tensorflow_datasets as tfds
+from absl import flags
+
+from dhel_jax import checkpointing, main, sweep
+from tests.train_worker import MOCK_EXAMPLES
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("sweep_worker.py")
+SWEEPS = ROOT / "configs" / "sweeps"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+KILLED = "dhel_b16_tau0.3/seed1"
+
+TINY_SWEEP = """
+import ml_collections
+
+
+def get_sweep():
+    sweep = ml_collections.ConfigDict()
+    sweep.config = "tiny_config.py"
+    sweep.overrides = {"eval": {"knn_k": 10}}
+    sweep.losses = {
+        "simclr": {"loss": {"name": "simclr"}, "temperature": "tau", "temperatures": (0.5,)},
+        "dhel": {"loss": {"name": "dhel"}, "temperature": "tau", "temperatures": (0.3,)},
+    }
+    sweep.loss_order = ("simclr", "dhel")
+    sweep.comparisons = (("dhel", "simclr"),)
+    sweep.batch_sizes = (16,)
+    sweep.temperature_batch_size = 16
+    sweep.seeds = (0, 1)
+    return sweep
+"""
+
+TINY_CONFIG = """
+from tests.train_worker import tiny_config
+
+
+def get_config():
+    return tiny_config()
+"""
+
+
+def _write_sweep(directory: Path, text: str = TINY_SWEEP, name: str = "tiny") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tiny_config.py").write_text(TINY_CONFIG)
+    path = directory / f"{name}.py"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _parse_train_command(args):
+    """The config ``dhel-train ARGS`` builds (the real absl flags of dhel_jax.main)."""
+    argv = ["dhel-train", *args]
+    old_argv, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv.
+    try:
+        main.parse_flags(argv)
+        return flags.FLAGS.config
+    finally:
+        sys.argv = old_argv
+        flags.FLAGS.unparse_flags()
+        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+            delattr(flags.FLAGS, name)
+
+
+def _flat(config: ml_collections.ConfigDict) -> dict:
+    return sweep._flatten(json.loads(json.dumps(config.to_dict())))
+
+
+# ----------------------------------------------------------------------------------------------
+# Grids and configs (no training).
+
+
+def test_fmnist_cpu_grid_has_unique_cells_and_one_budget():
+    s = sweep.load_sweep(SWEEPS / "fmnist_cpu.py")
+    cells = sweep.expand(s)
+    runs = sweep.make_runs(s, "runs/sweeps")
+    # 4 losses x 4 batch sizes, plus 4 x 3 temperatures at B = 128 of which 3 are defaults.
+    assert len(cells) == 16 + 12 - 3 == len({c.name for c in cells})
+    assert len(runs) == 2 * len(cells) and {r.seed for r in runs} == {0, 1}
+    assert len({r.workdir for r in runs}) == len(runs)
+    by_name = {c.name: c for c in cells}
+    # SPEC.md defaults: SimCLR tau 0.5, DCL 0.1, DHEL 0.3, KCL t 2.
+    for name in ("simclr_b128_tau0.5", "dcl_b128_tau0.1", "kcl_b128_t2"):
+        assert by_name[name].views == ("batch_size", "temperature")
+    assert by_name["dhel_b128_tau0.3"].views == ("batch_size",)
+    for loss, key, default, grid in (
+        ("simclr", "tau", 0.5, (0.1, 0.2, 0.5)),
+        ("dcl", "tau", 0.1, (0.1, 0.2, 0.5)),
+        ("dhel", "tau", 0.3, (0.1, 0.2, 0.5)),
+        ("kcl", "t", 2.0, (1.0, 2.0, 4.0)),
+    ):
+        mine = [c for c in cells if c.loss == loss]
+        batch = sorted(c.batch_size for c in mine if "batch_size" in c.views)
+        assert batch == [32, 64, 128, 256]
+        assert {c.temperature for c in mine if "batch_size" in c.views} == {default}
+        temps = [c for c in mine if "temperature" in c.views]
+        assert sorted(c.temperature for c in temps) == list(grid)
+        assert {c.batch_size for c in temps} == {128}
+        assert all(c.temperature_name == key for c in mine)
+
+    # Every run has the same budget: configs differ only in the loss, batch size and seed.
+    base = None
+    for run in runs:
+        config = sweep.run_config(s, run.cell, run.seed)
+        flat = _flat(config)
+        assert flat["loss.name"] == run.cell.loss and flat["batch_size"] == run.cell.batch_size
+        assert flat[f"loss.{run.cell.temperature_name}"] == run.cell.temperature
+        assert flat["seed"] == run.seed
+        if run.cell.loss == "kcl":
+            assert flat["loss.kernel"] == "gaussian"
+        shared = {k: v for k, v in flat.items() if not k.startswith("loss.")}
+        del shared["batch_size"], shared["seed"]
+        if base is None:
+            base = shared
+        assert shared == base
+    assert base["num_epochs"] == 4 and base["optimizer.lr_scaling"] == "linear"
+    assert (base["model.num_filters"], base["augment.out_size"]) == (16, 12)
+
+
+@pytest.mark.parametrize(
+    "name", ["cifar10_paper", "cifar100_paper", "stl10_paper", "imagenet100_paper"]
+)
+def test_paper_sweeps_follow_the_protocol(name):
+    s = sweep.load_sweep(SWEEPS / f"{name}.py")
+    assert tuple(s.batch_sizes) == (32, 64, 128, 256, 512)
+    assert list(s.losses) == ["dcl", "dhel", "kcl", "simclr"]
+    cell = sweep.expand(s)[0]
+    config = sweep.run_config(s, cell, 0, validate=True)
+    assert config.num_epochs == 200 and config.eval.protocol == "paper"
+    assert config.optimizer.name in ("lars", "sgd") and config.optimizer.warmup_epochs > 0
+    if name == "imagenet100_paper":
+        assert (config.model.name, config.model.stem) == ("resnet50", "imagenet")
+    else:
+        assert (config.model.name, config.model.stem) == ("resnet18", "cifar")
+        m = config.model
+        assert (m.head_hidden_dim, m.head_out_dim, m.head_num_layers) == (512, 128, 2)
+
+
+def test_train_command_builds_the_run_config(tmp_path):
+    """The command line of each run, parsed by dhel-train's own flags, gives run_config."""
+    text = TINY_SWEEP.replace(
+        '"eval": {"knn_k": 10}',
+        '"eval": {"knn_k": 10}, "augment": {"crop_scale": (0.2, 1.0), "normalize": False}, '
+        '"optimizer": {"weight_decay": 1e-06}',
+    )
+    s = sweep.load_sweep(_write_sweep(tmp_path, text))
+    runs = sweep.make_runs(s, tmp_path / "runs")
+    assert len(runs) == 4
+    for run in runs[:2]:
+        parsed = _parse_train_command(run.train_args[:2] + run.train_args[4:])
+        assert _flat(parsed) == _flat(sweep.run_config(s, run.cell, run.seed))
+        assert parsed.augment.crop_scale == (0.2, 1.0) and parsed.augment.normalize is False
+    command = sweep.display_command("dhel-train", runs[0].train_args)
+    assert command.startswith("dhel-train --config ") and "--config.loss.tau=0.5" in command
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ('sweep.overrides = {"batch_size": 8}', "sweep.overrides.batch_size"),
+        ('sweep.overrides = {"loss": {"tau": 0.2}}', "sweep.overrides.loss.tau"),
+        ('sweep.losses.dhel.loss.name = "dhell"', "unknown loss 'dhell'"),
+        ('sweep.losses.dhel.temperature = "t"', "loss 'dhel' has no temperature 't'"),
+        ("sweep.losses.dhel.loss.tau = 0.2", "sweep.losses.dhel.loss.tau is set"),
+        ("sweep.losses.dhel.temperatures = (0.0,)", "temperatures must be positive"),
+        ("sweep.losses.dhel.lr = 0.1", "unknown field 'lr'"),
+        ("sweep.batch_sizes = (16, 16)", "sweep.batch_sizes must be distinct"),
+        ("sweep.seeds = ()", "sweep.seeds must be distinct"),
+        ('sweep.loss_order = ("dhel",)', "sweep.loss_order must list every key"),
+        ('sweep.comparisons = (("dhel", "kcl"),)', "sweep.comparisons: ('dhel', 'kcl') is not"),
+        ('sweep.overrides = {"model": {"name": "vgg"}}', "config.model.name: unknown value"),
+        ('sweep.config = "nope.py"', "no such training config file"),
+        ("sweep.bogus = 1", "unknown field 'bogus'"),
+    ],
+)
+def test_bad_sweeps_fail_clearly(tmp_path, change, message):
+    text = TINY_SWEEP.replace("    return sweep", f"    {change}\n    return sweep")
+    with pytest.raises(sweep.SweepError, match=re.escape(message)):
+        sweep.load_sweep(_write_sweep(tmp_path, text))
+
+
+def _synthetic_results(linear_probe: dict[str, list[float]]) -> dict:
+    """Results of a sweep over SimCLR (tau) and KCL (t), batch sizes 32 and 64, temperatures
+    at batch 64, from given per-seed accuracies (every metric takes the same values)."""
+    views = {"batch_size": {}, "temperature": {}}
+    cells = []
+    for name, values in linear_probe.items():
+        loss, batch, temp = name.split("_")
+        tname = "tau" if temp.startswith("tau") else "t"
+        value = float(temp[len(tname) :])
+        default = {"simclr": 0.5, "kcl": 2.0}[loss]
+        cell_views = (["batch_size"] if value == default else []) + (
+            ["temperature"] if batch == "b64" else []
+        )
+        for view in cell_views:
+            views[view].setdefault(loss, []).append(name)
+        n = len(values)
+        summary = {
+            "mean": statistics.mean(values) if n else None,
+            "std": statistics.stdev(values) if n > 1 else None,
+            "n": n,
+        }
+        cells.append(
+            {
+                "name": name,
+                "loss": loss,
+                "batch_size": int(batch[1:]),
+                "temperature_name": tname,
+                "temperature": value,
+                "views": cell_views,
+                "summary": dict.fromkeys(sweep.METRICS, summary),
+            }
+        )
+    by_name = {c["name"]: c for c in cells}
+    for names in views["temperature"].values():  # ascending, as aggregate() orders them
+        names.sort(key=lambda n: by_name[n]["temperature"])
+    results = {
+        "sweep": "synthetic",
+        "losses": {
+            "simclr": {"temperature": "tau", "default": 0.5, "temperatures": [0.1, 0.5]},
+            "kcl": {"temperature": "t", "default": 2.0, "temperatures": [1.0, 2.0]},
+        },
+        "batch_sizes": [32, 64],
+        "temperature_batch_size": 64,
+        "seeds": [0, 1],
+        "cells": cells,
+        "views": views,
+        "comparisons": [["kcl", "simclr"]],
+        "complete": False,
+        "num_runs": 2 * len(cells),
+        "missing": [{"run": "kcl_b32_t2/seed0", "status": "new", "step": 0}],
+        "wall_time": {"train_seconds": 0.0, "eval_seconds": 0.0, "total_seconds": 0.0},
+        "hardware": [],
+        "devices": [],
+    }
+    results["differences"] = sweep.differences(results)
+    results["robustness"] = sweep.robustness(results)
+    return results
+
+
+def test_differences_robustness_and_tables_of_both_views(tmp_path):
+    values = {
+        "simclr_b32_tau0.5": [0.70, 0.74],
+        "simclr_b64_tau0.5": [0.80, 0.81],
+        "simclr_b64_tau0.1": [0.60, 0.66],
+        "kcl_b32_t2": [],  # missing
+        "kcl_b64_t2": [0.83, 0.86],
+        "kcl_b64_t1": [0.82, 0.84],
+    }
+    results = _synthetic_results(values)
+    diffs = {d["batch_size"]: d for d in results["differences"]}
+    assert diffs[32]["linear_probe"] is None  # no KCL run at B = 32
+    diff = diffs[64]
+    assert diff["linear_probe"]["difference"] == pytest.approx(0.845 - 0.805)
+    se = ((0.03**2 / 2) / 2 + (0.01**2 / 2) / 2) ** 0.5  # variances 0.03^2/2 and 0.01^2/2
+    assert diff["linear_probe"]["standard_error"] == pytest.approx(se)
+    rob = results["robustness"]
+    assert rob["simclr"]["batch_size_range"] == pytest.approx(0.805 - 0.72)
+    assert rob["simclr"]["temperature_range"] == pytest.approx(0.805 - 0.63)
+    assert rob["kcl"]["batch_size_range"] is None  # a missing cell: no range
+    assert rob["kcl"]["temperature_range"] == pytest.approx(0.845 - 0.83)
+    assert rob["simclr"]["median_seed_std"] == pytest.approx(
+        statistics.median([statistics.stdev(v) for k, v in values.items() if "simclr" in k])
+    )
+
+    table = sweep.markdown(results)
+    assert "| simclr (τ = 0.5) | 72.00 ± 2.83 | 80.50 ± 0.71 |" in table
+    assert "| kcl (t = 2) | missing | 84.50 ± 2.12 |" in table
+    assert "| loss | τ = 0.1 / t = 1 | τ = 0.5 / t = 2 |" in table
+    assert "| kcl (t) | 83.00 ± 1.41 | 84.50 ± 2.12 |" in table
+    assert f"| kcl − simclr | missing | +4.00 ± {100 * se:.2f} |" in table
+    assert "| simclr | 8.50 | 17.50 | 2.83 |" in table
+    assert "`kcl_b32_t2/seed0`: new (step 0)" in table
+    paths = sweep.plot_results(results, tmp_path)
+    assert all(Path(p).read_bytes()[:8] == PNG_SIGNATURE for p in paths.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: three invocations of a 2 x 2 sweep.
+
+
+@pytest.fixture(scope="module")
+def subprocess_env(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("xla_cache"))
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT),
+        # 2 devices instead of the suite's 8, and XLA's quickest compilation: the subprocesses
+        # compile every program once (the tests compare them with themselves only).
+        XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+        JAX_COMPILATION_CACHE_DIR=cache,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    env.pop("SWEEP_TEST_KILL", None)
+    return env
+
+
+def _invoke(s, runs_dir: Path, env: dict) -> types.SimpleNamespace:
+    """One sweep invocation through the worker; records the subprocesses launched."""
+    calls, printed = [], []
+
+    def launcher(tool: str) -> list[str]:
+        calls.append(tool)
+        return [sys.executable, str(WORKER), tool]
+
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        outcome = sweep.run_sweep(
+            s, runs_dir=runs_dir, launcher=launcher, env=env, print_fn=printed.append
+        )
+        results = sweep.aggregate(s, runs_dir)
+    return types.SimpleNamespace(outcome=outcome, calls=calls, printed=printed, results=results)
+
+
+def _snapshot(runs_dir: Path) -> dict:
+    """Bytes and modification times of every eval.json and metrics.jsonl under runs_dir."""
+    return {
+        str(p.relative_to(runs_dir)): (p.stat().st_mtime_ns, p.read_bytes())
+        for pattern in ("*/*/*/eval.json", "*/*/*/metrics.jsonl")
+        for p in runs_dir.glob(pattern)
+    }
+
+
+@pytest.fixture(scope="module")
+def invocations(tmp_path_factory, subprocess_env):
+    root = tmp_path_factory.mktemp("sweep")
+    s = sweep.load_sweep(_write_sweep(root / "configs"))
+    runs_dir = root / "runs"
+    killed = runs_dir / "tiny" / KILLED
+    first = _invoke(s, runs_dir, {**subprocess_env, "SWEEP_TEST_KILL": f"{killed}:4"})
+    first.snapshot = _snapshot(runs_dir)
+    first.killed_steps = checkpointing.available_steps(killed)
+    second = _invoke(s, runs_dir, subprocess_env)
+    second.snapshot = _snapshot(runs_dir)
+    third = _invoke(s, runs_dir, subprocess_env)
+    third.snapshot = _snapshot(runs_dir)
+    return types.SimpleNamespace(
+        sweep=s, runs_dir=runs_dir, killed=killed, first=first, second=second, third=third
+    )
+
+
+def test_killed_run_is_reported_and_aggregation_marks_it_missing(invocations):
+    first = invocations.first
+    assert first.outcome["failed"] == [KILLED]
+    assert sorted(first.outcome["done"]) == sorted(
+        ["simclr_b16_tau0.5/seed0", "dhel_b16_tau0.3/seed0", "simclr_b16_tau0.5/seed1"]
+    )
+    assert first.calls == ["dhel-train", "dhel-eval"] * 3 + ["dhel-train"]
+    assert any("dhel-train failed (exit -9)" in line for line in first.printed)
+    assert first.killed_steps == [4]
+
+    results = first.results
+    assert not results["complete"]
+    assert results["missing"] == [{"run": KILLED, "status": "partial", "step": 4}]
+    dhel = next(c for c in results["cells"] if c["loss"] == "dhel")
+    assert dhel["summary"]["linear_probe"]["n"] == 1
+    assert dhel["summary"]["linear_probe"]["std"] is None
+    table = sweep.markdown(results)
+    assert "**Partial results**: 1 of 4 runs" in table and "(1/2 seeds)" in table
+    assert f"`{KILLED}`: partial (step 4)" in table
+
+
+def test_rerun_resumes_the_killed_run_from_its_checkpoint(invocations):
+    second, killed = invocations.second, invocations.killed
+    assert second.outcome["done"] == [KILLED] and second.outcome["failed"] == []
+    assert second.calls == ["dhel-train", "dhel-eval"]
+    assert any(f"{KILLED}: dhel-train (resuming from step 4)" in line for line in second.printed)
+    # The trainer itself restored step 4 ...
+    log = (killed / sweep.LOG_FILENAME).read_text()
+    assert "resumed from" in log and "at step 4" in log
+    assert log.count("==== ") == 3  # killed train, resumed train, eval
+    assert checkpointing.available_steps(killed) == [4, 8]
+    # ... and did not redo steps 1-4: their logged metrics (with timings) are the first
+    # process's, byte for byte, and steps 5-8 were appended.
+    key = str((killed / "metrics.jsonl").relative_to(invocations.runs_dir))
+    before = invocations.first.snapshot[key][1].decode().splitlines()
+    after = second.snapshot[key][1].decode().splitlines()
+    assert [json.loads(line)["step"] for line in before] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in after] == list(range(1, 9))
+    assert after[:4] == before
+    assert any("images_per_sec" in line for line in before)
+
+
+def test_rerun_skips_finished_runs(invocations):
+    first, second, third = invocations.first, invocations.second, invocations.third
+    for key, value in first.snapshot.items():
+        if KILLED not in key:
+            assert second.snapshot[key] == value, key  # untouched: same bytes, same mtime
+    assert sorted(second.outcome["skipped"]) == sorted(first.outcome["done"])
+    assert third.calls == [] and third.outcome["done"] == []
+    assert sorted(third.outcome["skipped"]) == sorted(first.outcome["done"] + [KILLED])
+    assert third.snapshot == second.snapshot
+    assert "4 already done, 0 to run" in third.printed[0]
+
+
+def test_aggregate_json_table_and_plots(invocations, tmp_path):
+    results = invocations.third.results
+    assert results["complete"] and results["missing"] == [] and results["num_runs"] == 4
+    evals = {
+        (c, k): json.loads(
+            (invocations.runs_dir / "tiny" / c / f"seed{k}" / "eval.json").read_text()
+        )
+        for c in ("simclr_b16_tau0.5", "dhel_b16_tau0.3")
+        for k in (0, 1)
+    }
+    cells = {c["name"]: c for c in results["cells"]}
+    assert list(results["views"]["batch_size"]) == ["simclr", "dhel"]
+    for name in ("simclr_b16_tau0.5", "dhel_b16_tau0.3"):
+        assert cells[name]["views"] == ["batch_size", "temperature"]
+        for metric, path in (
+            ("linear_probe", ("linear_probe", "accuracy")),
+            ("knn", ("knn", "accuracy")),
+            ("effective_rank_features", ("geometry", "features", "effective_rank")),
+            ("effective_rank_projections", ("geometry", "projections", "effective_rank")),
+        ):
+            values = []
+            for k in (0, 1):
+                node = evals[(name, k)]
+                for p in path:
+                    node = node[p]
+                values.append(node)
+            summary = cells[name]["summary"][metric]
+            assert summary["n"] == 2
+            assert summary["mean"] == pytest.approx(statistics.mean(values), rel=1e-12)
+            assert summary["std"] == pytest.approx(statistics.stdev(values), rel=1e-9, abs=1e-15)
+            assert [r[metric] for r in cells[name]["runs"]] == values
+    (diff,) = results["differences"]
+    assert diff["losses"] == ["dhel", "simclr"] and diff["batch_size"] == 16
+    a, b = cells["dhel_b16_tau0.3"]["runs"], cells["simclr_b16_tau0.5"]["runs"]
+    xa, xb = [r["linear_probe"] for r in a], [r["linear_probe"] for r in b]
+    want = statistics.mean(xa) - statistics.mean(xb)
+    se = (statistics.variance(xa) / 2 + statistics.variance(xb) / 2) ** 0.5
+    assert diff["linear_probe"]["difference"] == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert diff["linear_probe"]["standard_error"] == pytest.approx(se, rel=1e-9, abs=1e-15)
+    assert results["wall_time"]["train_seconds"] > 0 and results["wall_time"]["eval_seconds"] > 0
+    assert results["hardware"] and results["devices"]
+
+    paths = sweep.write_results(results, tmp_path)
+    assert json.loads(Path(paths["json"]).read_text()) == json.loads(json.dumps(results))
+    table = Path(paths["markdown"]).read_text()
+    lp = cells["dhel_b16_tau0.3"]["summary"]["linear_probe"]
+    row = f"| dhel (τ = 0.3) | {100 * lp['mean']:.2f} ± {100 * lp['std']:.2f} |"
+    assert row in table
+    assert "| loss | B = 16 |" in table and "## Temperature (batch size 16)" in table
+    for key in ("batch_size", "temperature", "effective_rank"):
+        assert Path(paths[key]).name == f"tiny_{key}.png"
+        assert Path(paths[key]).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_changed_sweep_is_refused_not_overwritten(invocations):
+    changed = ml_collections.ConfigDict(invocations.sweep.to_dict())
+    changed.overrides.num_epochs = 3
+    run = sweep.make_runs(changed, invocations.runs_dir)[0]
+    with pytest.raises(sweep.SweepError, match="differs from run .* in num_epochs"):
+        sweep.run_state(run, changed, sweep.StepCounter())
+
+
+def test_dry_run_lists_runs_and_status(invocations, capsys):
+    sweep_file = Path(invocations.sweep.config).parent / "tiny.py"
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        rc = sweep.main(
+            ["--sweep", str(sweep_file), "--runs_dir", str(invocations.runs_dir), "--dry-run"]
+        )
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "sweep tiny: 2 cells x 2 seeds = 4 runs" in out
+    assert out.count(" done at step 8/8  [batch_size+temperature]") == 4
+    assert out.count("dhel-train --config ") == 4
