@@ -41,8 +41,12 @@ class CheckpointError(RuntimeError):
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-    """``<workdir>/checkpoints``."""
-    return epath.Path(workdir) / CHECKPOINT_SUBDIR
+    """``<workdir>/checkpoints``, absolute (Orbax rejects relative paths, and ``--workdir``
+    is usually given relative to the current directory); URLs such as ``gs://`` are kept."""
+    name = os.fspath(workdir)
+    if "://" not in name:
+        name = os.path.abspath(name)
+    return epath.Path(name) / CHECKPOINT_SUBDIR
 
 
 def available_steps(workdir: str | os.PathLike) -> list[int]:

@@ -298,17 +298,24 @@ def test_step_on_8_devices_equals_1_device(eight_devices):
 
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory, compilation_cache):
-    """Run A: the tiny config's 8 steps, uninterrupted (checkpoints at 4 and 8)."""
-    workdir = tmp_path_factory.mktemp("run_a")
+    """Run A: the tiny config's 8 steps, uninterrupted (checkpoints at 4 and 8), given a
+    workdir relative to the current directory as on the command line (Orbax itself needs
+    absolute paths)."""
+    parent = tmp_path_factory.mktemp("cwd")
     seen = []
-    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-        state = train.train_and_evaluate(
-            tiny_config(),
-            str(workdir),
-            hooks=[lambda step, m: seen.append((step, m["loss"]))],
-            compiler_options=COMPILER_OPTIONS,
-        )
-    return workdir, state, seen
+    cwd = os.getcwd()
+    os.chdir(parent)
+    try:
+        with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+            state = train.train_and_evaluate(
+                tiny_config(),
+                "run_a",
+                hooks=[lambda step, m: seen.append((step, m["loss"]))],
+                compiler_options=COMPILER_OPTIONS,
+            )
+    finally:
+        os.chdir(cwd)
+    return parent / "run_a", state, seen
 
 
 def test_run_logs_metrics_tensorboard_config_and_checkpoints(run_a):
