@@ -239,6 +239,7 @@ def _eval(argv: list[str]) -> None:
         raise app.UsageError(
             "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
         )
+    absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
     _configure_cpu_devices(_EVAL_BATCH_SIZE)
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     from dhel_jax import checkpointing, data, evaluate
