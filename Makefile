@@ -41,6 +41,8 @@ bench: setup
 
 lint: setup
 	.venv/bin/ruff check dhel_jax tests benchmarks configs
+	.venv/bin/ruff format --check dhel_jax tests benchmarks configs
+	.venv/bin/mypy
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

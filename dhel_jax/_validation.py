@@ -60,7 +60,7 @@ def check_global_batch(global_m: int, *, fn: str, minimum: int = 2) -> None:
 
 def check_positive(value: Any, name: str, *, fn: str) -> None:
     """Checks ``value > 0`` when it is a concrete Python number (traced values pass)."""
-    if isinstance(value, numbers.Real) and not value > 0:
+    if isinstance(value, numbers.Real) and not float(value) > 0:
         raise ValueError(f"{fn}: {name} must be > 0; got {name} = {value!r}.")
 
 

@@ -106,9 +106,9 @@ def get_kernel(name: str, t: float | Array) -> Kernel:
     if name in ("gaussian", "log", "imq"):
         if concrete and not t > 0:
             raise ValueError(f"kcl: kernel {name!r} needs t > 0; got t = {t!r}.")
-        energy = {"gaussian": gaussian, "log": log_energy, "imq": imq}[name]
-        alignment = {"gaussian": gaussian, "log": log_alignment, "imq": imq}[name]
-        return Kernel(name, energy, alignment)
+        energies: dict[str, KernelFn] = {"gaussian": gaussian, "log": log_energy, "imq": imq}
+        alignments: dict[str, KernelFn] = {"gaussian": gaussian, "log": log_alignment, "imq": imq}
+        return Kernel(name, energies[name], alignments[name])
     if not concrete:
         raise TypeError(
             f"kcl: kernel {name!r} branches on the sign of s = t, which must be a Python number; "
@@ -124,5 +124,5 @@ def get_kernel(name: str, t: float | Array) -> Kernel:
         return Kernel(name, riesz, riesz)
     if t == 0:
         raise ValueError("kcl: kernel 'gaussian_riesz' needs s = t != 0; got t = 0.")
-    energy = _inv_power if t > 0 else riesz
-    return Kernel(name, energy, gaussian_alignment_t2)
+    signed: KernelFn = _inv_power if t > 0 else riesz
+    return Kernel(name, signed, gaussian_alignment_t2)

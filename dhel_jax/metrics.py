@@ -139,7 +139,7 @@ def _replicated(x: Array) -> Array:
     explicit sharding (including local blocks inside ``shard_map``) pass through.
     """
     x = jnp.asarray(x)
-    sharding = getattr(jax.typeof(x), "sharding", None)
+    sharding: Any = getattr(jax.typeof(x), "sharding", None)
     spec = getattr(sharding, "spec", None)
     if spec is None or all(p is None for p in spec):
         return x
@@ -472,7 +472,7 @@ def _check_count(value: Any, name: str, *, fn: str, upper: int) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Integral)
-        or not 1 <= value <= upper
+        or not 1 <= int(value) <= upper
     ):
         raise ValueError(
             f"{fn}: {name} must be an integer in [1, {upper}]; got {name} = {value!r}."

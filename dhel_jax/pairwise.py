@@ -30,14 +30,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Hashable
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 Array = jax.Array
-PyTree = object
+PyTree = Any
 Reduce = Literal["lse", "sum"]
 Argument = Literal["dot", "sqdist"]
 
@@ -439,7 +439,7 @@ def pairwise_reduce(
 def _explicit_mesh(args) -> object | None:
     """The abstract mesh with Explicit axes that the inputs live on, if any: the ambient mesh
     (``jax.set_mesh``) or the mesh of an input's sharding."""
-    mesh = jax.sharding.get_abstract_mesh()
+    mesh: Any = jax.sharding.get_abstract_mesh()
     if getattr(mesh, "explicit_axes", ()):
         return mesh
     for leaf in jax.tree.leaves(args):
