@@ -7,9 +7,7 @@ the training loop's own checkpoints are tested in tests/test_train.py.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-from pathlib import Path
 
 import grain
 import jax
@@ -17,19 +15,7 @@ import numpy as np
 import pytest
 
 from dhel_jax import checkpointing, optimizers, train
-
-
-def _hash_tree(directory: Path) -> dict[str, str]:
-    """sha256 of every file under ``directory``, and the set of directories."""
-    hashes = {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-    hashes.update(
-        {str(p.relative_to(directory)): "dir" for p in directory.rglob("*") if p.is_dir()}
-    )
-    return hashes
+from tests.helpers import hash_tree, truncate_state_arrays
 
 
 def _config():
@@ -129,28 +115,23 @@ def test_restore_for_eval_never_modifies_the_workdir(saved, tmp_path):
 
     workdir = tmp_path / "run"
     shutil.copytree(saved[0], workdir)
-    before = _hash_tree(workdir)
+    before = hash_tree(workdir)
     checkpointing.restore_for_eval(workdir)
     checkpointing.restore_for_eval(workdir, 10)
-    assert _hash_tree(workdir) == before
+    assert hash_tree(workdir) == before
 
     # Truncate every array-data file of step 20: a clear error, and still nothing written.
-    data_files = [
-        p for p in (workdir / "checkpoints" / "20" / "state").rglob("*") if p.parent.name == "d"
-    ]
-    assert data_files
-    for p in data_files:
-        p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
-    before = _hash_tree(workdir)
+    truncate_state_arrays(workdir, 20, divisor=3)
+    before = hash_tree(workdir)
     with pytest.raises(
         checkpointing.CheckpointError,
         match=r"(?s)cannot read checkpoint .*checkpoints/20: .*\[10, 20\]",
     ):
         checkpointing.restore_for_eval(workdir)
-    assert _hash_tree(workdir) == before
+    assert hash_tree(workdir) == before
     # The earlier step is untouched and still restorable.
     assert checkpointing.restore_for_eval(workdir, 10)[2] == 10
-    assert _hash_tree(workdir) == before
+    assert hash_tree(workdir) == before
 
 
 def test_missing_step_or_workdir_names_the_available_steps(saved, tmp_path):

@@ -8,7 +8,6 @@ scikit-learn / scipy / NumPy for the rest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import shutil
@@ -23,6 +22,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from dhel_jax import augment, checkpointing, data, evaluate, main, metrics, parallel, train
+from tests.helpers import hash_tree, truncate_state_arrays
 from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, tiny_config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -36,19 +36,6 @@ def _run_config():
     config.checkpoint_every_steps = 2
     config.eval.knn_k = KNN_K  # 64 mocked train records: k = 200 is impossible.
     return config
-
-
-def _hash_tree(directory: Path) -> dict[str, str]:
-    """sha256 of every file under ``directory``, and the set of directories."""
-    hashes = {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-    }
-    hashes.update(
-        {str(p.relative_to(directory)): "dir" for p in directory.rglob("*") if p.is_dir()}
-    )
-    return hashes
 
 
 @pytest.fixture
@@ -72,7 +59,7 @@ def evaluated(run, tmp_path_factory):
     """``evaluate`` of a copy of the run: (workdir, results, checkpoint hashes before)."""
     workdir = tmp_path_factory.mktemp("evaluated") / "run"
     shutil.copytree(run, workdir)
-    before = _hash_tree(workdir / "checkpoints")
+    before = hash_tree(workdir / "checkpoints")
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
         # The run's config sets knn_k; the pair metrics use a strict subset (40 of 64 images).
         results = evaluate.evaluate(workdir, geometry_examples=GEOMETRY_EXAMPLES)
@@ -157,7 +144,7 @@ def test_eval_json_has_every_key_finite_values_and_valid_pngs(evaluated):
         assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
         assert image.std() > 0  # not a blank canvas
     # Nothing under checkpoints/ changed, and no temporary file was left behind.
-    assert _hash_tree(workdir / "checkpoints") == before
+    assert hash_tree(workdir / "checkpoints") == before
     assert not [p for p in workdir.rglob(".*tmp*")]
 
 
@@ -195,7 +182,7 @@ def test_geometry_in_eval_json_equals_metrics_on_the_same_features(evaluated, mo
 
 def test_cli_prints_a_summary_and_writes_the_outputs(run, tmp_path, mocked, capsys):
     workdir = _copy(run, tmp_path)
-    before = _hash_tree(workdir / "checkpoints")
+    before = hash_tree(workdir / "checkpoints")
     argv = ["dhel-eval", f"--workdir={workdir}", "--step=2"]
     main.parse_flags(argv)
     try:
@@ -210,7 +197,7 @@ def test_cli_prints_a_summary_and_writes_the_outputs(run, tmp_path, mocked, caps
     assert f"{100 * results['knn']['accuracy']:6.2f}%" in printed
     assert f"{results['geometry']['projections']['wasserstein_uniformity']:.4f}" in printed
     assert (workdir / "plots" / "training_curves.png").exists()
-    assert _hash_tree(workdir / "checkpoints") == before
+    assert hash_tree(workdir / "checkpoints") == before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,26 +206,21 @@ def test_cli_prints_a_summary_and_writes_the_outputs(run, tmp_path, mocked, caps
 
 def test_corrupt_checkpoint_is_reported_and_left_byte_identical(run, tmp_path, mocked):
     workdir = _copy(run, tmp_path)
-    data_files = [
-        p for p in (workdir / "checkpoints" / "4" / "state").rglob("*") if p.parent.name == "d"
-    ]
-    assert data_files
-    for p in data_files:
-        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    before = _hash_tree(workdir)
+    truncate_state_arrays(workdir, 4, divisor=2)
+    before = hash_tree(workdir)
     with pytest.raises(
         checkpointing.CheckpointError,
         match=r"(?s)cannot read checkpoint .*checkpoints/4: .*\[2, 4\]",
     ):
         evaluate.evaluate(workdir)
-    assert _hash_tree(workdir) == before  # no eval.json, no plots, checkpoints untouched
+    assert hash_tree(workdir) == before  # no eval.json, no plots, checkpoints untouched
 
 
 def test_missing_step_or_workdir_names_the_available_steps(run, tmp_path):
-    before = _hash_tree(run)
+    before = hash_tree(run)
     with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint at step 3: .*\[2, 4\]"):
         evaluate.evaluate(run, step=3)
-    assert _hash_tree(run) == before
+    assert hash_tree(run) == before
     missing = tmp_path / "nowhere"
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoints in .*nowhere"):
         evaluate.evaluate(missing)
@@ -256,11 +238,11 @@ def test_missing_step_or_workdir_names_the_available_steps(run, tmp_path):
 
 
 def test_outputs_never_go_inside_the_checkpoint_directory(run):
-    before = _hash_tree(run)
+    before = hash_tree(run)
     for out_dir in (run / "checkpoints", run / "checkpoints" / "4" / "eval"):
         with pytest.raises(ValueError, match="inside the checkpoint directory"):
             evaluate.evaluate(run, out_dir=out_dir)
-    assert _hash_tree(run) == before
+    assert hash_tree(run) == before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +315,7 @@ def test_paper_probe_learns_crop_invariant_synthetic_classes():
 
 def test_paper_protocol_end_to_end(run, tmp_path, mocked):
     out_dir = tmp_path / "paper_eval"
-    before = _hash_tree(run)
+    before = hash_tree(run)
     results = evaluate.evaluate(
         run,
         protocol="paper",
@@ -341,7 +323,7 @@ def test_paper_protocol_end_to_end(run, tmp_path, mocked):
         plots=False,
         paper_probe={"epochs": 2, "batch_size": 16},
     )
-    assert _hash_tree(run) == before  # the workdir is untouched: outputs went to out_dir
+    assert hash_tree(run) == before  # the workdir is untouched: outputs went to out_dir
     assert json.loads((out_dir / "eval.json").read_text()) == results
     probe = results["linear_probe"]
     assert probe["protocol"] == "paper" and 0 <= probe["accuracy"] <= 1

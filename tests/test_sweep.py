@@ -27,9 +27,9 @@ from pathlib import Path
 import ml_collections
 import pytest
 import tensorflow_datasets as tfds
-from absl import flags
 
-from dhel_jax import checkpointing, main, sweep
+from dhel_jax import checkpointing, sweep
+from tests.helpers import parse_train_command
 from tests.train_worker import MOCK_EXAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,20 +73,6 @@ def _write_sweep(directory: Path, text: str = TINY_SWEEP, name: str = "tiny") ->
     path = directory / f"{name}.py"
     path.write_text(textwrap.dedent(text))
     return path
-
-
-def _parse_train_command(args):
-    """The config ``dhel-train ARGS`` builds (the real absl flags of dhel_jax.main)."""
-    argv = ["dhel-train", *args]
-    old_argv, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv.
-    try:
-        main.parse_flags(argv)
-        return flags.FLAGS.config
-    finally:
-        sys.argv = old_argv
-        flags.FLAGS.unparse_flags()
-        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-            delattr(flags.FLAGS, name)
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict:
@@ -174,7 +160,7 @@ def test_train_command_builds_the_run_config(tmp_path):
     runs = sweep.make_runs(s, tmp_path / "runs")
     assert len(runs) == 4
     for run in runs[:2]:
-        parsed = _parse_train_command(run.train_args[:2] + run.train_args[4:])
+        parsed = parse_train_command(*run.train_args[:2], *run.train_args[4:])
         assert _flat(parsed) == _flat(sweep.run_config(s, run.cell, run.seed))
         assert parsed.augment.crop_scale == (0.2, 1.0) and parsed.augment.normalize is False
     command = sweep.display_command("dhel-train", runs[0].train_args)

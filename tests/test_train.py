@@ -8,7 +8,6 @@ so a program compiled once (e.g. by run A of the resume test) is not compiled ag
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -29,6 +28,7 @@ from absl import flags
 
 from dhel_jax import checkpointing, losses, main, parallel, train
 from tests import train_worker
+from tests.helpers import hash_tree, parse_train_command, truncate_state_arrays
 from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, fixed_batch, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,14 +73,6 @@ def _leaves(tree) -> dict[str, np.ndarray]:
     return {
         jax.tree_util.keystr(path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
-
-
-def _hash_tree(directory: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
     }
 
 
@@ -172,27 +164,14 @@ def test_bad_config_fails_before_any_data_or_workdir(tmp_path):
     assert not workdir.exists()
 
 
-def _parse(*args: str):
-    """Parses a dhel-train command line (the real absl FLAGS) and returns the config."""
-    argv = ["dhel-train", *args]
-    old_argv, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv.
-    try:
-        main.parse_flags(argv)
-        return flags.FLAGS.config
-    finally:
-        sys.argv = old_argv
-        flags.FLAGS.unparse_flags()
-        # config_flags registers one flag per overridden field; forget them for the next parse.
-        for name in [n for n in flags.FLAGS if n.startswith("config.")]:
-            delattr(flags.FLAGS, name)
-
-
 def test_cli_overrides_are_typed_and_unknown_fields_rejected(capsys):
     cfg = str(ROOT / "configs" / "fashion_mnist.py")
-    config = _parse(f"--config={cfg}", "--config.loss.tau=0.2", "--config.batch_size=128")
+    config = parse_train_command(
+        f"--config={cfg}", "--config.loss.tau=0.2", "--config.batch_size=128"
+    )
     assert config.loss.tau == 0.2 and config.batch_size == 128
     assert config.loss.sigma is None
-    assert _parse(f"--config={ROOT / 'configs' / 'cifar10.py'}:kcl").loss.name == "kcl"
+    assert parse_train_command(f"--config={ROOT / 'configs' / 'cifar10.py'}:kcl").loss.name == "kcl"
     for bad, message in (
         ("--config.loss.foo=1", "--config.loss.foo=1: config.loss has no field 'foo'"),
         ("--config.optimiser.name=sgd", "config has no field 'optimiser'"),
@@ -200,7 +179,7 @@ def test_cli_overrides_are_typed_and_unknown_fields_rejected(capsys):
         ("--config.loss.tau=hot", "--config.loss.tau=hot: could not convert"),
     ):
         with pytest.raises(SystemExit):
-            _parse(f"--config={cfg}", bad)
+            parse_train_command(f"--config={cfg}", bad)
         assert message in capsys.readouterr().err
 
 
@@ -393,22 +372,20 @@ def test_corrupt_or_incompatible_checkpoint_is_reported_and_not_overwritten(
     shutil.copytree(run_a[0], workdir)
     wider = tiny_config()
     wider.model.head_out_dim = 12
-    before = _hash_tree(workdir / "checkpoints")
+    before = hash_tree(workdir / "checkpoints")
     with pytest.raises(
         checkpointing.CheckpointError, match=r"(?s)checkpoints/8: .*available steps.*\[4, 8\]"
     ):
         train.train_and_evaluate(wider, str(workdir), compiler_options=COMPILER_OPTIONS)
-    assert _hash_tree(workdir / "checkpoints") == before
+    assert hash_tree(workdir / "checkpoints") == before
 
-    for f in (workdir / "checkpoints" / "8" / "state").rglob("*"):
-        if f.is_file() and f.parent.name == "d":
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    before = _hash_tree(workdir / "checkpoints")
+    truncate_state_arrays(workdir, 8, divisor=2)
+    before = hash_tree(workdir / "checkpoints")
     with pytest.raises(
         checkpointing.CheckpointError, match=r"(?s)checkpoints/8: .*available steps.*\[4, 8\]"
     ):
         train.train_and_evaluate(tiny_config(), str(workdir), compiler_options=COMPILER_OPTIONS)
-    assert _hash_tree(workdir / "checkpoints") == before
+    assert hash_tree(workdir / "checkpoints") == before
 
 
 def test_nan_stops_with_clear_error_and_keeps_last_checkpoint(tmp_path, mocked, monkeypatch):
