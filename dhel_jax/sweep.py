@@ -18,6 +18,9 @@ A sweep file (``configs/sweeps/NAME.py``) defines ``get_sweep()``, returning a
 * optionally ``loss_order`` (table order), ``comparisons`` (pairs ``(a, b)`` of loss labels
   whose differences ``a - b`` are tabulated) and ``description``.
 
+:func:`paper_sweep` builds the whole ``ConfigDict`` of the paper's comparison; every file in
+``configs/sweeps/`` uses it.
+
 The grid has two views. *Batch size*: every loss at every batch size, at the loss's SPEC.md
 default temperature. *Temperature*: every loss at every value of its temperature, at
 ``temperature_batch_size``. A cell is one (loss, batch size, temperature); cells in both views
@@ -307,6 +310,32 @@ def paper_losses(
         "temperatures": tuple(ts),
     }
     return losses
+
+
+def paper_sweep(
+    config: str,
+    description: str,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    batch_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+    temperature_batch_size: int = 256,
+    seeds: Sequence[int] = (0, 1),
+) -> ml_collections.ConfigDict:
+    """A sweep of the paper's comparison (:func:`paper_losses`, :data:`PAPER_LOSS_ORDER`,
+    :data:`PAPER_COMPARISONS`) over ``config`` (a path relative to the sweep file): every loss
+    at its default temperature over ``batch_sizes``, and over the temperatures at
+    ``temperature_batch_size``; ``overrides`` apply to every run."""
+    sweep = ml_collections.ConfigDict()
+    sweep.description = description
+    sweep.config = config
+    sweep.overrides = dict(overrides or {})
+    sweep.losses = paper_losses()
+    sweep.loss_order = PAPER_LOSS_ORDER
+    sweep.comparisons = PAPER_COMPARISONS
+    sweep.batch_sizes = tuple(batch_sizes)
+    sweep.temperature_batch_size = temperature_batch_size
+    sweep.seeds = tuple(seeds)
+    return sweep
 
 
 def _num(value: float) -> str:

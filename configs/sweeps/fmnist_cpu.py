@@ -27,41 +27,37 @@ grid in about 3 hours (the 50 runs then took 2 h 09 min, results/fmnist_cpu.json
 
 import ml_collections
 
-from dhel_jax.sweep import PAPER_COMPARISONS, PAPER_LOSS_ORDER, paper_losses
+from dhel_jax.sweep import paper_sweep
 
 
 def get_sweep() -> ml_collections.ConfigDict:
-    sweep = ml_collections.ConfigDict()
-    sweep.description = (
-        "Fashion-MNIST, ResNet-8 (16 filters), 12x12 views, 4 epochs, LARS with peak learning "
-        "rate 1.0 x B / 256; fast linear probe and kNN (k = 200) on frozen encoder features."
+    return paper_sweep(
+        "../fashion_mnist.py",
+        (
+            "Fashion-MNIST, ResNet-8 (16 filters), 12x12 views, 4 epochs, LARS with peak learning "
+            "rate 1.0 x B / 256; fast linear probe and kNN (k = 200) on frozen encoder features."
+        ),
+        overrides={
+            "model": {
+                "name": "resnet_small",
+                "num_filters": 16,
+                "head_hidden_dim": 128,
+                "head_out_dim": 64,
+                "head_num_layers": 2,
+            },
+            "augment": {"out_size": 12},
+            "num_epochs": 4,
+            "optimizer": {
+                "name": "lars",
+                "base_lr": 1.0,
+                "lr_scaling": "linear",
+                "warmup_epochs": 0.2,
+                "weight_decay": 1e-6,
+            },
+            "log_every_steps": 50,
+            "checkpoint_every_steps": 500,
+            "eval": {"protocol": "fast"},
+        },
+        batch_sizes=(32, 64, 128, 256),
+        temperature_batch_size=128,
     )
-    sweep.config = "../fashion_mnist.py"
-    sweep.overrides = {
-        "model": {
-            "name": "resnet_small",
-            "num_filters": 16,
-            "head_hidden_dim": 128,
-            "head_out_dim": 64,
-            "head_num_layers": 2,
-        },
-        "augment": {"out_size": 12},
-        "num_epochs": 4,
-        "optimizer": {
-            "name": "lars",
-            "base_lr": 1.0,
-            "lr_scaling": "linear",
-            "warmup_epochs": 0.2,
-            "weight_decay": 1e-6,
-        },
-        "log_every_steps": 50,
-        "checkpoint_every_steps": 500,
-        "eval": {"protocol": "fast"},
-    }
-    sweep.losses = paper_losses()
-    sweep.loss_order = PAPER_LOSS_ORDER
-    sweep.comparisons = PAPER_COMPARISONS
-    sweep.batch_sizes = (32, 64, 128, 256)
-    sweep.temperature_batch_size = 128
-    sweep.seeds = (0, 1)
-    return sweep

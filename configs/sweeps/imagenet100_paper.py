@@ -20,22 +20,16 @@ Grid: batch sizes 32 to 512 at each loss's default temperature; tau in {0.1, 0.2
 
 import ml_collections
 
-from dhel_jax.sweep import PAPER_COMPARISONS, PAPER_LOSS_ORDER, paper_losses
+from dhel_jax.sweep import paper_sweep
 
 
 def get_sweep() -> ml_collections.ConfigDict:
-    sweep = ml_collections.ConfigDict()
-    sweep.description = (
-        "ImageNet-100, ResNet-50 (ImageNet stem, 2048-2048-128 head), 224x224 views, 200 "
-        "epochs, LARS with peak learning rate 0.3 x B / 256, 10 warm-up epochs, cosine decay; "
-        "paper linear probe."
+    return paper_sweep(
+        "../imagenet100.py",
+        (
+            "ImageNet-100, ResNet-50 (ImageNet stem, 2048-2048-128 head), 224x224 views, 200 "
+            "epochs, LARS with peak learning rate 0.3 x B / 256, 10 warm-up epochs, cosine decay; "
+            "paper linear probe."
+        ),
+        overrides={"optimizer": {"base_lr": 0.3}, "eval": {"protocol": "paper"}},
     )
-    sweep.config = "../imagenet100.py"
-    sweep.overrides = {"optimizer": {"base_lr": 0.3}, "eval": {"protocol": "paper"}}
-    sweep.losses = paper_losses()
-    sweep.loss_order = PAPER_LOSS_ORDER
-    sweep.comparisons = PAPER_COMPARISONS
-    sweep.batch_sizes = (32, 64, 128, 256, 512)
-    sweep.temperature_batch_size = 256
-    sweep.seeds = (0, 1)
-    return sweep

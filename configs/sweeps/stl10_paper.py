@@ -16,22 +16,16 @@ at B = 256, 41,015 at B = 512).
 
 import ml_collections
 
-from dhel_jax.sweep import PAPER_COMPARISONS, PAPER_LOSS_ORDER, paper_losses
+from dhel_jax.sweep import paper_sweep
 
 
 def get_sweep() -> ml_collections.ConfigDict:
-    sweep = ml_collections.ConfigDict()
-    sweep.description = (
-        "STL-10 (train + unlabelled), ResNet-18 (CIFAR stem, 512-512-128 head), 96x96 views, "
-        "200 epochs, LARS with peak learning rate 1.0 x B / 256, 10 warm-up epochs, cosine "
-        "decay; paper linear probe on the labelled split."
+    return paper_sweep(
+        "../stl10.py",
+        (
+            "STL-10 (train + unlabelled), ResNet-18 (CIFAR stem, 512-512-128 head), 96x96 views, "
+            "200 epochs, LARS with peak learning rate 1.0 x B / 256, 10 warm-up epochs, cosine "
+            "decay; paper linear probe on the labelled split."
+        ),
+        overrides={"eval": {"protocol": "paper"}},
     )
-    sweep.config = "../stl10.py"
-    sweep.overrides = {"eval": {"protocol": "paper"}}
-    sweep.losses = paper_losses()
-    sweep.loss_order = PAPER_LOSS_ORDER
-    sweep.comparisons = PAPER_COMPARISONS
-    sweep.batch_sizes = (32, 64, 128, 256, 512)
-    sweep.temperature_batch_size = 256
-    sweep.seeds = (0, 1)
-    return sweep
