@@ -1,12 +1,15 @@
 """ResNet encoders and the SimCLR projection head, as pure Flax Linen modules.
 
 The ResNet follows flax ``examples/imagenet/models.py`` and torchvision (ResNet v1.5: the stride of
-a bottleneck block sits on its 3x3 convolution), with two stems:
+a bottleneck block sits on its 3x3 convolution), with three stems:
 
 * ``stem="imagenet"``: 7x7 stride-2 convolution, BatchNorm, ReLU, 3x3 stride-2 max-pool
   (a 32x32 input reaches the first stage at 8x8);
 * ``stem="cifar"``: 3x3 stride-1 convolution, BatchNorm, ReLU and no max-pool (SimCLR's
   CIFAR-10 variant; a 32x32 input reaches the first stage at 32x32).
+* ``stem="cifar_stride2"``: the same 3x3 convolution with stride 2 (a 28x28 input reaches the
+  first stage at 14x14: the encoder sees full-resolution pixels at the cost of a half-resolution
+  first stage).
 
 ``ResNet`` returns the globally average-pooled features ``h`` of shape (B, F); ``ProjectionHead``
 maps them to ``z = g(h)`` of shape (B, P) on which the contrastive losses act, and
@@ -38,7 +41,130 @@ Array = jax.Array
 ModuleDef = Any
 Dtype = Any
 
-STEMS = ("cifar", "imagenet")
+STEMS = ("cifar", "cifar_stride2", "imagenet")
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _strided_input_grad(
+    g: Array,
+    kernel: Array,
+    x_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> Array:
+    """Input gradient of an NHWC/HWIO convolution with ``strides`` (s_h, s_w), phase by phase.
+
+    ``y[n, i, j] = sum_{a, b} x_pad[n, s_h i + a, s_w j + b] . w[a, b]``, so the gradient at a
+    padded-input row ``u = s_h m + r`` gathers the taps ``a = r, r + s_h, ...`` only: for each of
+    the s_h * s_w phases (r, t) it is a stride-1 convolution of ``g`` with the flipped, transposed
+    sub-kernel ``w[r::s_h, t::s_w]``. The phases are interleaved back and the padding cropped.
+    This is the FLOPs of the forward pass; XLA's own transpose convolves a zero-dilated ``g``,
+    s_h * s_w times the work (4x for stride 2).
+    """
+    n, height, width, channels = x_shape
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    sh, sw = strides
+    padded_h, padded_w = height + lo_h + hi_h, width + lo_w + hi_w
+    rows_per_phase, cols_per_phase = -(-padded_h // sh), -(-padded_w // sw)
+    out_h, out_w = g.shape[1], g.shape[2]
+    phases = []
+    for r in range(sh):
+        row = []
+        for t in range(sw):
+            sub = kernel[r::sh, t::sw]
+            length_r, length_t = -(-(padded_h - r) // sh), -(-(padded_w - t) // sw)
+            if sub.shape[0] and sub.shape[1]:
+                phase = jax.lax.conv_general_dilated(
+                    g,
+                    jnp.flip(sub, (0, 1)).transpose(0, 1, 3, 2),
+                    (1, 1),
+                    ((sub.shape[0] - 1, length_r - out_h), (sub.shape[1] - 1, length_t - out_w)),
+                    dimension_numbers=_NHWC,
+                )
+            else:  # a phase no tap reaches (stride larger than the kernel)
+                phase = jnp.zeros((n, length_r, length_t, channels), g.dtype)
+            pad = ((0, 0), (0, rows_per_phase - length_r), (0, cols_per_phase - length_t), (0, 0))
+            row.append(jnp.pad(phase, pad))
+        phases.append(jnp.stack(row, axis=3))
+    # (n, rows, s_h, cols, s_w, c) -> (n, rows * s_h, cols * s_w, c): row s_h m + r is phase r.
+    full = jnp.stack(phases, axis=2).reshape(n, rows_per_phase * sh, cols_per_phase * sw, -1)
+    return full[:, lo_h : lo_h + height, lo_w : lo_w + width]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _strided_conv(x: Array, kernel: Array, strides: tuple, padding: tuple) -> Array:
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def _strided_conv_fwd(x, kernel, strides, padding):
+    return _strided_conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _strided_conv_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    _, kernel_vjp = jax.vjp(
+        lambda k: jax.lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=_NHWC),
+        kernel,
+    )
+    (kernel_grad,) = kernel_vjp(g)
+    x_grad = _strided_input_grad(g, kernel, x.shape, strides, padding)
+    return x_grad.astype(x.dtype), kernel_grad
+
+
+_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
+def conv_general_dilated(
+    lhs: Array,
+    rhs: Array,
+    window_strides: Sequence[int],
+    padding: Any,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> Array:
+    """``jax.lax.conv_general_dilated`` whose input gradient skips the zeros of strides > 1.
+
+    The value, and the gradients to float round-off, are those of ``jax.lax``; for strided,
+    undilated, ungrouped NHWC convolutions with explicit padding (every strided convolution of
+    these ResNets, "SAME"/"VALID" padding included) the input gradient is computed phase by phase (:func:`_strided_input_grad`).
+    Anything else goes to ``jax.lax.conv_general_dilated`` unchanged. Pass it as ``nn.Conv``'s
+    ``conv_general_dilated``.
+    """
+    plain = (
+        tuple(window_strides) != (1, 1)
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and feature_group_count == 1
+        and precision is None
+        and not kwargs
+        and lhs.ndim == 4
+        and dimension_numbers is not None
+        and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+        == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    )
+    if not plain:
+        return jax.lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            **kwargs,
+        )
+    if isinstance(padding, str):  # "SAME" / "VALID"
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return _strided_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+
 
 # He (Kaiming) normal with fan_out, as torchvision initialises ResNet convolutions.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -111,7 +237,8 @@ class ResNet(nn.Module):
       stage_sizes: number of blocks per stage, e.g. (2, 2, 2, 2) for ResNet-18.
       block_cls: ``BasicBlock`` or ``BottleneckBlock``.
       num_filters: width of the stem and the first stage.
-      stem: ``"cifar"`` (3x3 stride 1, no max-pool) or ``"imagenet"`` (7x7 stride 2 + max-pool).
+      stem: ``"cifar"`` (3x3 stride 1, no max-pool), ``"cifar_stride2"`` (3x3 stride 2, no
+        max-pool) or ``"imagenet"`` (7x7 stride 2 + max-pool).
       dtype: compute dtype (float32 or bfloat16); parameters stay ``param_dtype``.
       param_dtype: dtype of parameters and BatchNorm statistics.
       bn_momentum: running-average decay of BatchNorm statistics (torch momentum 0.1 == 0.9).
@@ -150,6 +277,7 @@ class ResNet(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             kernel_init=conv_kernel_init,
+            conv_general_dilated=conv_general_dilated,
         )
         norm = functools.partial(
             nn.BatchNorm,
@@ -168,7 +296,8 @@ class ResNet(nn.Module):
             x = nn.relu(norm(name="stem_bn")(x))
             x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         else:
-            x = conv(self.num_filters, (3, 3), (1, 1), padding=((1, 1), (1, 1)), name="stem_conv")(
+            stride = (2, 2) if self.stem == "cifar_stride2" else (1, 1)
+            x = conv(self.num_filters, (3, 3), stride, padding=((1, 1), (1, 1)), name="stem_conv")(
                 x
             )
             x = nn.relu(norm(name="stem_bn")(x))
@@ -273,6 +402,13 @@ MODELS: dict[str, Callable[..., ResNet]] = {
 DTYPES: dict[str, Dtype] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def init_variables(model: nn.Module, rng: Array, image_shape: Sequence[int]) -> dict[str, Any]:
+    """``{"params": ..., "batch_stats": ...}`` of ``model`` initialised from the PRNG key ``rng``
+    for images of shape ``image_shape`` = (H, W, C)."""
+    variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32), train=False)
+    return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+
+
 def get_model(
     name: str,
     *,
@@ -288,7 +424,7 @@ def get_model(
 
     Args:
       name: one of ``MODELS``.
-      stem: ``"cifar"`` or ``"imagenet"``.
+      stem: one of ``STEMS``.
       head_hidden_dim, head_out_dim, head_num_layers: the projection head's dimensions.
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"`` (parameters stay float32).
       bn_axis_name: see ``ResNet``; only for ``shard_map``/``pmap`` callers.

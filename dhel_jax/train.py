@@ -438,7 +438,7 @@ def create_train_state(
     if not jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         rng = jax.random.wrap_key_data(rng)
     init_key, run_key = jax.random.split(rng)
-    variables = model.init(init_key, jnp.zeros((2, *image_shape), jnp.float32), train=False)
+    variables = models.init_variables(model, init_key, image_shape)
     params = variables["params"]
     probe_params: Any = {}
     probe_opt_state: Any = {}
@@ -452,7 +452,7 @@ def create_train_state(
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=variables["batch_stats"],
         opt_state=tx.init(params),
         probe_params=probe_params,
         probe_opt_state=probe_opt_state,

@@ -156,11 +156,11 @@ def test_cifar_and_imagenet_stems_differ_by_the_stem_kernel_only():
 
 @pytest.mark.parametrize(
     "stem, stem_hw, stage1_hw, last_hw",
-    [("cifar", 32, 32, 4), ("imagenet", 16, 8, 1)],
+    [("cifar", 32, 32, 4), ("cifar_stride2", 16, 16, 2), ("imagenet", 16, 8, 1)],
 )
 def test_stem_resolution(stem, stem_hw, stage1_hw, last_hw):
-    # CIFAR stem: 3x3 stride 1 and no max-pool keep 32x32 into stage 1; ImageNet stem: 7x7
-    # stride 2 (16x16) then a stride-2 max-pool (8x8).
+    # CIFAR stem: 3x3 stride 1 and no max-pool keep 32x32 into stage 1; its stride-2 variant
+    # halves it (16x16); ImageNet stem: 7x7 stride 2 (16x16) then a stride-2 max-pool (8x8).
     encoder = models.MODELS["resnet18"](stem=stem)
     variables = abstract_init(encoder, (32, 32, 3))
     _, state = jax.eval_shape(
@@ -172,7 +172,7 @@ def test_stem_resolution(stem, stem_hw, stage1_hw, last_hw):
     )
     inter = state["intermediates"]
     kernel = variables["params"]["stem_conv"]["kernel"]
-    chex.assert_shape(kernel, (3, 3, 3, 64) if stem == "cifar" else (7, 7, 3, 64))
+    chex.assert_shape(kernel, (7, 7, 3, 64) if stem == "imagenet" else (3, 3, 3, 64))
     chex.assert_shape(inter["stem_conv"]["__call__"][0], (2, stem_hw, stem_hw, 64))
     chex.assert_shape(inter["stage1_block1"]["__call__"][0], (2, stage1_hw, stage1_hw, 64))
     chex.assert_shape(inter["stage4_block2"]["__call__"][0], (2, last_hw, last_hw, 512))
@@ -397,3 +397,79 @@ def test_get_model_accepts_jnp_dtypes():
 def test_resnet_rejects_bad_input_rank():
     with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
         abstract_init(models.MODELS["resnet_tiny"](), (8, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# The strided convolution's input gradient.
+
+
+def _conv_input_grad_float64(g, kernel, x_shape, strides, padding):
+    """Scatter every output's cotangent back through every tap, in float64 loops."""
+    g, kernel = np.asarray(g, np.float64), np.asarray(kernel, np.float64)
+    n, h, w, c = x_shape
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    grad = np.zeros((n, h + lo_h + hi_h, w + lo_w + hi_w, c))
+    for i in range(g.shape[1]):
+        for j in range(g.shape[2]):
+            for a in range(kernel.shape[0]):
+                for b in range(kernel.shape[1]):
+                    u, v = strides[0] * i + a, strides[1] * j + b
+                    grad[:, u, v, :] += g[:, i, j, :] @ kernel[a, b].T
+    return grad[:, lo_h : lo_h + h, lo_w : lo_w + w]
+
+
+@pytest.mark.parametrize(
+    "shape, kernel_size, strides, padding",
+    [
+        ((3, 12, 12, 4), 3, (2, 2), ((1, 1), (1, 1))),  # the ResNets' downsampling 3x3
+        ((3, 12, 12, 4), 1, (2, 2), ((0, 0), (0, 0))),  # their 1x1 projection shortcut
+        ((2, 7, 9, 3), 3, (2, 2), ((1, 1), (1, 1))),  # odd sides: uneven phases
+        ((2, 9, 9, 3), 3, (3, 3), ((1, 1), (1, 1))),
+        ((2, 8, 8, 3), 2, (3, 3), ((0, 0), (0, 0))),  # a phase no tap reaches
+        ((2, 6, 6, 3), 3, (1, 1), ((1, 1), (1, 1))),  # stride 1: plain jax.lax
+        ((2, 7, 7, 3), 1, (2, 2), "SAME"),
+    ],
+)
+def test_conv_general_dilated_gradients_match_float64_reference(
+    rng, shape, kernel_size, strides, padding
+):
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, shape[-1], 5)), jnp.float32)
+    dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, ("NHWC", "HWIO", "NHWC"))
+
+    def conv(fn, x, kernel):
+        return fn(x, kernel, strides, padding, dimension_numbers=dn)
+
+    y, vjp = jax.vjp(functools.partial(conv, models.conv_general_dilated), x, kernel)
+    want_y, want_vjp = jax.vjp(functools.partial(conv, jax.lax.conv_general_dilated), x, kernel)
+    np.testing.assert_array_equal(y, want_y)
+    g = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    x_grad, kernel_grad = vjp(g)
+    chex.assert_shape(x_grad, shape)
+    chex.assert_type(x_grad, jnp.float32)
+    pads = padding
+    if isinstance(padding, str):
+        pads = jax.lax.padtype_to_pads(shape[1:3], (kernel_size,) * 2, strides, padding)
+    want_x = _conv_input_grad_float64(g, kernel, shape, strides, pads)
+    np.testing.assert_allclose(x_grad, want_x, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kernel_grad, want_vjp(g)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_resnet_uses_the_strided_input_gradient():
+    """Every strided convolution of a ResNet goes through the custom VJP (its jaxpr holds one
+    custom_vjp_call per strided convolution: two per downsampling block)."""
+    model = models.get_model("resnet_tiny", head_hidden_dim=8, head_out_dim=4)
+    x = jnp.zeros((2, 16, 16, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    def loss(params):
+        out, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(out["projections"])
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    assert jaxpr.count("custom_vjp_call") == 2
