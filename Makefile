@@ -32,7 +32,7 @@ train: setup
 	.venv/bin/dhel-train --config $(CONFIG) --workdir $(RUN)
 
 eval: setup
-	.venv/bin/dhel-eval --workdir $(RUN)
+	.venv/bin/dhel-eval --workdir $(RUN) --baselines
 
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'

@@ -58,7 +58,11 @@ and any other :class:`EvalSettings` field it holds), then from the caller's over
                   alignment_seed
     plots         spectrum, cosine_histogram, training_curves: paths relative to out_dir
                   (null when not written)
-    timings       restore, load_data, extract_features, linear_probe, knn, geometry, plots, total
+    baselines     only with ``with_baselines`` (``dhel-eval --baselines``, :mod:`dhel_jax.baselines`):
+                  random_init {linear_probe (the run's protocol), knn, bn_examples},
+                  pixels {linear_probe (fast), knn, image_size, dim}
+    timings       restore, load_data, extract_features, linear_probe, knn, [baselines,]
+                  geometry, plots, total
     devices       platform, count;  versions: dhel_jax, jax, jaxlib, flax, optax, ...
 
 Evaluation runs in one process, over its local devices.
@@ -89,7 +93,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from dhel_jax import augment, checkpointing, data, metrics, parallel, probes, train
+from dhel_jax import augment, baselines, checkpointing, data, metrics, parallel, probes, train
 
 Array = jax.Array
 
@@ -861,6 +865,115 @@ def _linear_probe(
     return result
 
 
+def _knn(
+    settings: EvalSettings,
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    test_features: np.ndarray,
+    test_labels: np.ndarray,
+    num_classes: int,
+) -> dict[str, Any]:
+    accuracy = probes.knn_accuracy(
+        jnp.asarray(train_features),
+        jnp.asarray(train_labels),
+        jnp.asarray(test_features),
+        jnp.asarray(test_labels),
+        num_classes=num_classes,
+        k=settings.knn_k,
+        temperature=settings.knn_temperature,
+        chunk_size=settings.knn_chunk_size,
+    )
+    return {
+        "accuracy": accuracy,
+        "k": settings.knn_k,
+        "temperature": settings.knn_temperature,
+        "on": "features",
+    }
+
+
+def _baselines(
+    settings: EvalSettings,
+    config: ml_collections.ConfigDict,
+    model: Any,
+    splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    num_classes: int,
+    mesh: Mesh,
+    paper_mesh: Mesh | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """``eval.json["baselines"]``: the random-init encoder (the run's protocol) and the raw
+    pixels (the ``fast`` probe), each ``{"linear_probe": ..., "knn": ...}``."""
+    (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
+    transform = train.eval_transform_kwargs(config)
+    size = train.view_size(config)
+    variables, bn_examples = baselines.random_init_variables(
+        model,
+        config.seed,
+        train_x,
+        view_shape=(size, size, train_x.shape[-1]),
+        transform_kwargs=transform,
+        batch_size=settings.batch_size,
+        mesh=mesh,
+    )
+    features = {
+        key: extract_features(
+            model,
+            variables,
+            images,
+            batch_size=settings.batch_size,
+            mesh=mesh,
+            transform_kwargs=transform,
+        )
+        for key, (images, _) in splits.items()
+    }
+    random_init = {
+        "linear_probe": {
+            "protocol": settings.protocol,
+            **_linear_probe(
+                settings,
+                config,
+                model,
+                variables,
+                splits,
+                features,
+                num_classes=num_classes,
+                mesh=paper_mesh,
+                progress=progress,
+            ),
+        },
+        "knn": _knn(
+            settings,
+            features["train"]["features"],
+            train_y,
+            features["test"]["features"],
+            test_y,
+            num_classes,
+        ),
+        "bn_examples": bn_examples,
+    }
+    del features
+    pixels_train, pixels_test = baselines.pixel_features(train_x), baselines.pixel_features(test_x)
+    pixels = {
+        "linear_probe": {
+            "protocol": "fast",
+            **probes.linear_probe_accuracy(
+                jnp.asarray(pixels_train),
+                jnp.asarray(train_y),
+                jnp.asarray(pixels_test),
+                jnp.asarray(test_y),
+                num_classes=num_classes,
+                seed=settings.seed,
+                **(settings.fast_probe if settings.protocol == "fast" else FAST_PROBE_DEFAULTS),
+            ),
+        },
+        "knn": _knn(settings, pixels_train, train_y, pixels_test, test_y, num_classes),
+        "image_size": baselines.pixel_size(train_x.shape[1:]),
+        "dim": int(pixels_train.shape[1]),
+    }
+    return {"random_init": random_init, "pixels": pixels}
+
+
 def _write_plots(
     out: epath.Path,
     workdir: epath.Path,
@@ -904,6 +1017,7 @@ def evaluate(
     mesh: Mesh | None = None,
     plots: bool = True,
     progress: bool = False,
+    with_baselines: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Evaluates the checkpoint ``step`` (default: the latest) of a ``dhel-train`` run.
@@ -922,6 +1036,8 @@ def evaluate(
       mesh: a ``('data',)`` mesh to shard the batches over (default: the local devices).
       plots: write the PNG plots.
       progress: progress bar for the paper probe.
+      with_baselines: also score the random-init encoder and the raw pixels with the same
+        probes (:mod:`dhel_jax.baselines`; ``eval.json["baselines"]``).
       **overrides: :class:`EvalSettings` fields (``knn_k``, ``batch_size``,
         ``geometry_examples``, ``paper_probe={"epochs": 1}``, ...).
 
@@ -992,16 +1108,27 @@ def evaluate(
             progress=progress,
         )
     with timer("knn"):
-        knn = probes.knn_accuracy(
-            jnp.asarray(features["train"]["features"]),
-            jnp.asarray(train_y),
-            jnp.asarray(features["test"]["features"]),
-            jnp.asarray(test_y),
-            num_classes=info.num_classes,
-            k=settings.knn_k,
-            temperature=settings.knn_temperature,
-            chunk_size=settings.knn_chunk_size,
+        knn = _knn(
+            settings,
+            features["train"]["features"],
+            train_y,
+            features["test"]["features"],
+            test_y,
+            info.num_classes,
         )
+    baseline_results = None
+    if with_baselines:
+        with timer("baselines"):
+            baseline_results = _baselines(
+                settings,
+                config,
+                model,
+                splits,
+                num_classes=info.num_classes,
+                mesh=mesh,
+                paper_mesh=paper_mesh,
+                progress=progress,
+            )
     test = features["test"]
     with timer("geometry"):
         geo = {}
@@ -1037,12 +1164,7 @@ def evaluate(
         },
         "dims": {name: int(test[name].shape[1]) for name in OUTPUTS},
         "linear_probe": {"protocol": settings.protocol, **probe},
-        "knn": {
-            "accuracy": knn,
-            "k": settings.knn_k,
-            "temperature": settings.knn_temperature,
-            "on": "features",
-        },
+        "knn": knn,
         "geometry": {
             **geo,
             "pair_examples": num_pairs,
@@ -1056,10 +1178,34 @@ def evaluate(
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if baseline_results is not None:
+        results["baselines"] = baseline_results
     results = _jsonable(results)
     payload = json.dumps(results, indent=2, allow_nan=False) + "\n"
     _write_atomic(out / EVAL_FILENAME, payload.encode())
     return results
+
+
+def _baseline_lines(results: Mapping[str, Any]) -> list[str]:
+    """The baselines' accuracies and what the pretrained encoder gains over each."""
+    found = results.get("baselines")
+    if not found:
+        return []
+    ours = (results["linear_probe"]["accuracy"], results["knn"]["accuracy"])
+    pixels = found["pixels"]
+    side = pixels["image_size"]
+    labels = {
+        "random_init": "random-init encoder",
+        "pixels": f"raw pixels ({side}x{side})",
+    }
+    lines = ["  baselines, same probes       linear      kNN    pretrained encoder gains"]
+    for key, label in labels.items():
+        lin, knn = found[key]["linear_probe"]["accuracy"], found[key]["knn"]["accuracy"]
+        lines.append(
+            f"    {label:<24}{100 * lin:7.2f}%  {100 * knn:6.2f}%    "
+            f"{100 * (ours[0] - lin):+.2f} linear, {100 * (ours[1] - knn):+.2f} kNN"
+        )
+    return lines
 
 
 def summary(results: Mapping[str, Any]) -> str:
@@ -1086,6 +1232,7 @@ def summary(results: Mapping[str, Any]) -> str:
         f"{ds['num_train']} train / {ds['num_test']} test images)",
         f"  linear probe ({probe['protocol']})   top-1 {100 * probe['accuracy']:6.2f}%   ({detail})",
         f"  kNN (k={knn['k']}, T={knn['temperature']:g})   top-1 {100 * knn['accuracy']:6.2f}%",
+        *_baseline_lines(results),
         f"  geometry of the test set (pairs, alignment: first {geo['pair_examples']} images)",
         f"    {'':<16}{heads[0]:>20}{heads[1]:>24}",
     ]

@@ -171,3 +171,21 @@ LOSSES = {
     "kcl": kcl,
     "align_uniform": align_uniform,
 }
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def knn_predict(train, train_labels, queries, num_classes, k, temperature):
+    """Weighted kNN in float64 by brute force: cosine similarities, the k most similar train
+    rows, votes exp(s / temperature) per class, the class with the most weight."""
+    train, queries = normalize(train), normalize(queries)
+    sims = queries @ train.T
+    predictions = np.empty(len(queries), np.int64)
+    for i in range(len(queries)):
+        neighbours = np.argsort(-sims[i], kind="stable")[:k]
+        votes = np.zeros(num_classes)
+        for j in neighbours:
+            votes[train_labels[j]] += np.exp(sims[i, j] / temperature)
+        predictions[i] = np.argmax(votes)
+    return predictions

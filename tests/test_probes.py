@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dhel_jax import probes
+from tests import np_reference
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -173,23 +174,6 @@ def test_linear_probe_search_and_accuracy_match_sklearn(fashion_features):
 # --------------------------------------------------------------------------- kNN
 
 
-def _knn_reference(train, train_labels, queries, num_classes, k, temperature):
-    """Brute force in float64: full similarity matrix, argsort, weighted votes."""
-    train = np.asarray(train, np.float64)
-    queries = np.asarray(queries, np.float64)
-    train = train / np.linalg.norm(train, axis=1, keepdims=True)
-    queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
-    sims = queries @ train.T
-    predictions = np.empty(len(queries), np.int64)
-    for i in range(len(queries)):
-        neighbours = np.argsort(-sims[i], kind="stable")[:k]
-        votes = np.zeros(num_classes)
-        for j in neighbours:
-            votes[train_labels[j]] += np.exp(sims[i, j] / temperature)
-        predictions[i] = np.argmax(votes)
-    return predictions
-
-
 def _knn_data(rng, n_train=300, n_query=150, dim=16, num_classes=5):
     # Class-dependent means make the votes informative, noise keeps similarities distinct.
     means = rng.standard_normal((num_classes, dim))
@@ -203,7 +187,7 @@ def _knn_data(rng, n_train=300, n_query=150, dim=16, num_classes=5):
 @pytest.mark.parametrize("k", [1, 10, 300])
 def test_knn_matches_bruteforce_float64(rng, chunk_size, k):
     train, train_labels, queries = _knn_data(rng)
-    expected = _knn_reference(train, train_labels, queries, 5, k, 0.1)
+    expected = np_reference.knn_predict(train, train_labels, queries, 5, k, 0.1)
     with jax.enable_x64(True):
         got = probes.knn_predict(
             train, train_labels, queries, num_classes=5, k=k, chunk_size=chunk_size
@@ -217,7 +201,7 @@ def test_knn_matches_bruteforce_float64(rng, chunk_size, k):
 def test_knn_float32_matches_bruteforce(rng, temperature):
     # temperature 0.01 puts exp(s / temperature) up to e^100, beyond float32's range.
     train, train_labels, queries = _knn_data(rng)
-    expected = _knn_reference(train, train_labels, queries, 5, 50, temperature)
+    expected = np_reference.knn_predict(train, train_labels, queries, 5, 50, temperature)
     got = probes.knn_predict(
         train.astype(np.float32),
         train_labels,
@@ -233,7 +217,9 @@ def test_knn_float32_matches_bruteforce(rng, temperature):
 def test_knn_accuracy_counts_correct_votes(rng):
     train, train_labels, queries = _knn_data(rng)
     query_labels = rng.integers(0, 5, len(queries)).astype(np.int32)
-    expected = np.mean(_knn_reference(train, train_labels, queries, 5, 20, 0.1) == query_labels)
+    expected = np.mean(
+        np_reference.knn_predict(train, train_labels, queries, 5, 20, 0.1) == query_labels
+    )
     got = probes.knn_accuracy(
         train.astype(np.float32),
         train_labels,
