@@ -8,6 +8,9 @@ Measures, on the default JAX device and this host:
   backward of the encoder + projection head on both views, DHEL loss, SGD update), the figure
   the augmentation must exceed by 5x so that it never limits training (needs
   ``dhel_jax.models``; ResNet-18 with the CIFAR stem for 32x32x3, ``resnet_small`` for 28x28x1);
+* ``load_split``: seconds to decode Fashion-MNIST's train and test splits whole into memory
+  (``data.load_split``, what ``dhel-eval`` and the in-memory loader do), and the decoder TFDS
+  used (OpenCV when installed, else PIL);
 * ``host``: images per second yielded by ``make_pretrain_loader`` for the real Fashion-MNIST
   (in memory, and streamed with PNG decoding per batch) and for TFDS-mocked CIFAR-10.
 
@@ -21,6 +24,7 @@ Fashion-MNIST is prepared into ``--data_dir`` (default: a temporary directory) f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -147,6 +151,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or tmp
+        decoder = "OpenCV" if importlib.util.find_spec("cv2") else "PIL"
+        for split in ("train", "test"):
+            start = time.perf_counter()
+            images, _ = data.load_split("fashion_mnist", split, data_dir=data_dir)
+            seconds = time.perf_counter() - start
+            key = f"load_split_fashion_mnist_{split}"
+            results[key] = {"images": len(images), "seconds": seconds, "decoder": decoder}
+            print(f"{key}: {len(images):,} images in {seconds:.1f} s ({decoder})", flush=True)
         for in_memory in (True, False):
             loader = data.make_pretrain_loader(
                 "fashion_mnist",

@@ -310,6 +310,11 @@ def main() -> None:
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count())
     parser.add_argument("--torch-layouts", default="nchw,channels_last")
     parser.add_argument("--skip-model-step", action="store_true")
+    parser.add_argument(
+        "--default-xla-flags",
+        action="store_true",
+        help="run jax with XLA:CPU's default options instead of those dhel-train sets",
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "bench_train.json"))
     parser.add_argument("--worker", nargs="*")
     args = parser.parse_args()
@@ -322,6 +327,9 @@ def main() -> None:
             serve(jax_step(model, augment=kind == "jax_full"))
         return
 
+    sys.path.insert(0, str(ROOT))
+    from dhel_jax.main import cpu_xla_flags
+
     base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base_env["PYTHONPATH"] = str(ROOT)
     base_env["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -332,6 +340,7 @@ def main() -> None:
             "processor": platform.processor(),
             "loadavg_start": os.getloadavg(),
         },
+        "xla_flags": "" if args.default_xla_flags else " ".join(cpu_xla_flags("")),
         "rounds": args.rounds,
         "steps_per_round": args.steps_per_round,
         "runs": [],
@@ -341,7 +350,11 @@ def main() -> None:
         batch = bench_config(model).batch_size
         workers = []
         for n in [int(d) for d in args.devices.split(",")]:
-            env = dict(base_env, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}")
+            # The XLA:CPU options dhel-train sets (dhel_jax.main.CPU_XLA_FLAGS), unless
+            # --default-xla-flags asks for the compiler's defaults.
+            extra = [] if args.default_xla_flags else cpu_xla_flags("")
+            xla_flags = " ".join([f"--xla_force_host_platform_device_count={n}", *extra])
+            env = dict(base_env, XLA_FLAGS=xla_flags)
             kinds = ["full"] if args.skip_model_step else ["full", "model"]
             for kind in kinds:
                 workers.append(

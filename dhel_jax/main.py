@@ -15,14 +15,19 @@ Before JAX starts its backends, ``dhel-train``
 * calls ``jax.distributed.initialize()`` when it runs in a multi-process environment (Cloud TPU
   VMs, SLURM, Open MPI, or ``JAX_COORDINATOR_ADDRESS`` set; ``--distributed`` forces it on or
   off); every process then runs the same command;
-* on a CPU-only machine, splits the host into ``--cpu_devices`` XLA devices (default ``auto``:
-  as many as cores, a divisor of the batch size) unless ``XLA_FLAGS`` already sets
-  ``--xla_force_host_platform_device_count``. The batch is then sharded over them as over
-  accelerators; results equal the 1-device ones up to float round-off.
+* on a CPU-only machine, adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` (YNNPACK for the
+  convolutions, matmuls and reductions; results equal the default compiler's within float32
+  round-off), and splits the host into ``--cpu_devices`` XLA devices (default ``auto``)
+  unless ``XLA_FLAGS`` already sets ``--xla_force_host_platform_device_count``. A flag the
+  user's ``XLA_FLAGS`` already sets is never overridden. Sharded over several host devices,
+  results equal the 1-device ones up to float round-off.
+
+``dhel-eval`` does the same before it starts JAX.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -34,6 +39,16 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+#: XLA options that dhel-train and dhel-eval add on CPU-only hosts: route convolutions,
+#: matmuls and reductions to YNNPACK (XLA:CPU's default sends only reductions there, and
+#: ``=dot`` alone sends the reductions back to a slow reduce-window path). Measured in
+#: benchmarks/README_train.md; tests/test_train.py checks that a train step with them equals
+#: one without them within float32 round-off.
+CPU_XLA_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "dot,reduce"}
+# The jaxlib series the flags were validated on: an XLA that does not know a flag in XLA_FLAGS
+# aborts at start-up, so on any other jaxlib none is added.
+_CPU_FLAGS_JAXLIB_SERIES = "0.10."
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -115,13 +130,31 @@ def cpu_device_count(batch_size: int, requested: str, cores: int | None = None) 
     return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
 
 
-def _configure_cpu_devices(batch_size: int) -> None:
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    if _DEVICE_COUNT_FLAG in xla_flags or _accelerator_installed():
+def cpu_xla_flags(xla_flags: str, jaxlib_version: str | None = None) -> list[str]:
+    """The :data:`CPU_XLA_FLAGS` to append to ``xla_flags`` (the user's ``XLA_FLAGS``): each
+    one the user does not already set, and none on a jaxlib outside the validated series."""
+    if jaxlib_version is None:
+        try:
+            jaxlib_version = importlib.metadata.version("jaxlib")
+        except importlib.metadata.PackageNotFoundError:
+            return []
+    if not jaxlib_version.startswith(_CPU_FLAGS_JAXLIB_SERIES):
+        return []
+    return [f"{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in xla_flags]
+
+
+def _configure_cpu_backend(batch_size: int) -> None:
+    """On a CPU-only host: the CPU XLA flags and the device split (see the module docstring)."""
+    if _accelerator_installed():
         return
-    count = cpu_device_count(batch_size, _CPU_DEVICES.value)
-    if count > 1:
-        os.environ["XLA_FLAGS"] = f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    added = cpu_xla_flags(xla_flags)
+    if _DEVICE_COUNT_FLAG not in xla_flags:
+        count = cpu_device_count(batch_size, _CPU_DEVICES.value)
+        if count > 1:
+            added.append(f"{_DEVICE_COUNT_FLAG}={count}")
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([xla_flags, *added]).strip()
 
 
 class _OwnInfoOnly(logging.Filter):
@@ -145,7 +178,7 @@ def _train(argv: list[str]) -> None:
         _DISTRIBUTED.value == "auto" and _multiprocess_environment()
     )
     if not distributed:
-        _configure_cpu_devices(config.batch_size)
+        _configure_cpu_backend(config.batch_size)
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     import jax
 
@@ -223,6 +256,12 @@ _DATA_DIR = flags.DEFINE_string(
 _PAPER_EPOCHS = flags.DEFINE_integer(
     "paper_epochs", None, "dhel-eval: epochs of the 'paper' probe (default: 100)."
 )
+_BASELINES = flags.DEFINE_boolean(
+    "baselines",
+    False,
+    "dhel-eval: also score the same encoder at random initialisation (BatchNorm statistics "
+    "re-estimated on train images) and the raw pixels, with the same probes.",
+)
 # dhel_jax.evaluate.EvalSettings.batch_size: the CPU split must divide it.
 _EVAL_BATCH_SIZE = 1024
 
@@ -233,14 +272,14 @@ def _eval(argv: list[str]) -> None:
     if not _WORKDIR.value:
         raise app.UsageError(
             "usage: dhel-eval --workdir runs/NAME [--step N] [--protocol fast|paper] "
-            "[--out_dir DIR] [--data_dir DIR]"
+            "[--baselines] [--out_dir DIR] [--data_dir DIR]"
         )
     if _CONFIG.value is not None:
         raise app.UsageError(
             "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
         )
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    _configure_cpu_devices(_EVAL_BATCH_SIZE)
+    _configure_cpu_backend(_EVAL_BATCH_SIZE)
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     from dhel_jax import checkpointing, data, evaluate
 
@@ -253,6 +292,7 @@ def _eval(argv: list[str]) -> None:
             out_dir=_OUT_DIR.value,
             data_dir=_DATA_DIR.value,
             progress=True,
+            with_baselines=_BASELINES.value,
             paper_probe=paper,
         )
     except (checkpointing.CheckpointError, data.DatasetUnavailableError, ValueError) as e:
@@ -263,7 +303,8 @@ def _eval(argv: list[str]) -> None:
 def eval_main() -> None:
     """The ``dhel-eval`` console script::
 
-        dhel-eval --workdir runs/NAME [--step N] [--protocol fast|paper] [--out_dir DIR]
+        dhel-eval --workdir runs/NAME [--step N] [--protocol fast|paper] [--baselines]
+            [--out_dir DIR]
 
     evaluates a checkpoint with :func:`dhel_jax.evaluate.evaluate` (read-only: nothing under
     ``<workdir>/checkpoints`` is written), writes ``eval.json`` and ``plots/*.png`` to the

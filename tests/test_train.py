@@ -191,22 +191,32 @@ def test_cpu_device_count_divides_the_batch():
     assert main.cpu_device_count(256, "3") == 3
 
 
-def test_cpu_split_respects_user_xla_flags(monkeypatch):
+def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
+    ynn = "--xla_cpu_experimental_ynn_fusion_type"
+    assert main.cpu_xla_flags("", "0.10.2") == [f"{ynn}=dot,reduce"]
+    assert main.cpu_xla_flags(f"{ynn}=dot", "0.10.2") == []
+    assert main.cpu_xla_flags("", "0.11.0") == []  # not validated there: nothing added
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
-    main._configure_cpu_devices(256)
-    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+    user = f"--xla_force_host_platform_device_count=3 {ynn}=eltwise"
+    monkeypatch.setenv("XLA_FLAGS", user)
+    main._configure_cpu_backend(256)
+    assert os.environ["XLA_FLAGS"] == user
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     flags.FLAGS(["dhel-train"])
     try:
-        main._configure_cpu_devices(12)
+        main._configure_cpu_backend(12)
     finally:
         flags.FLAGS.unparse_flags()
     want = main.cpu_device_count(12, "auto")
-    expected = "--xla_cpu_enable_fast_math=false"
+    expected = ["--xla_cpu_enable_fast_math=false", *main.cpu_xla_flags("")]
     if want > 1:
-        expected += f" --xla_force_host_platform_device_count={want}"
-    assert os.environ["XLA_FLAGS"] == expected
+        expected.append(f"--xla_force_host_platform_device_count={want}")
+    assert os.environ["XLA_FLAGS"] == " ".join(expected)
+    # On an accelerator host nothing is added.
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    main._configure_cpu_backend(256)
+    assert os.environ["XLA_FLAGS"] == ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,3 +527,31 @@ def test_two_processes_train_like_one(tmp_path, eight_devices, compilation_cache
     assert set(got.files) - {"loss"} == set(want)
     for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_cpu_xla_flags_keep_a_train_step_within_float32_round_off(tmp_path):
+    """Two train steps with dhel-train's CPU XLA flags and without them (fresh processes: the
+    flags are read when XLA starts) give the same loss, parameters and statistics."""
+    extra = main.cpu_xla_flags("")
+    if not extra:
+        pytest.skip("this jaxlib is outside the series the CPU flags are validated on")
+    results = {}
+    for name, xla_flags in (("default", ""), ("dhel", " ".join(extra))):
+        # A cache of its own per variant: a shared one could hand one variant the other's program.
+        env = _env(str(tmp_path / f"cache_{name}"), XLA_FLAGS=xla_flags)
+        out = tmp_path / f"{name}.npz"
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), "step", str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = np.load(out)
+    default, dhel = results["default"], results["dhel"]
+    assert set(default.files) == set(dhel.files)
+    np.testing.assert_allclose(dhel["loss"], default["loss"], rtol=1e-5)
+    for key in default.files:
+        np.testing.assert_allclose(dhel[key], default[key], rtol=1e-5, atol=1e-5, err_msg=key)

@@ -5,6 +5,9 @@
         checkpoint of STEP is complete on disk (a preempted VM that got no notice).
     python train_worker.py cli ARG...
         Runs ``dhel-train ARG...`` (``dhel_jax.main.train_main``) on mocked data.
+    python train_worker.py step OUT_NPZ
+        Two train steps of :func:`tiny_config` (16 filters) on one CPU device and the batch of
+        :func:`fixed_batch`, under the XLA_FLAGS it is given; saves the loss and the state.
     python train_worker.py multiprocess PROCESS_ID PORT OUT_DIR
         One of 2 processes x 2 CPU devices (jax.distributed on localhost): two train steps of
         :func:`tiny_config` on the global batch of :func:`fixed_batch`, each process feeding
@@ -98,6 +101,35 @@ def _cli(args: list[str]) -> None:
         main.train_main()
 
 
+def _save_state(path: str, state, loss) -> None:
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state))[0]
+    np.savez(
+        path, loss=np.asarray(loss), **{jax.tree_util.keystr(key): leaf for key, leaf in leaves}
+    )
+
+
+def _step(out: str) -> None:
+    import jax
+
+    from dhel_jax import train
+
+    config = tiny_config()
+    config.model.num_filters = 16
+    counts = train.StepCounts(num_examples=64, steps_per_epoch=4, total_steps=8, warmup_steps=0)
+    from dhel_jax import parallel
+
+    setup = train.make_training(config, parallel.data_mesh(jax.devices()[:1]), counts)
+    state = setup.init()
+    for _ in range(2):
+        state, metrics = setup.train_step(
+            state, train.global_batch(fixed_batch(), setup.batch_sharding)
+        )
+    _save_state(out, state, metrics["loss"])
+
+
 def _multiprocess(process_id: int, port: int, out_dir: str) -> None:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax
@@ -119,12 +151,7 @@ def _multiprocess(process_id: int, port: int, out_dir: str) -> None:
         state, metrics = setup.train_step(state, train.global_batch(local, setup.batch_sharding))
     host = jax.tree.map(np.asarray, multihost_utils.process_allgather(state, tiled=True))
     if process_id == 0:
-        leaves = jax.tree_util.tree_flatten_with_path(host)[0]
-        np.savez(
-            os.path.join(out_dir, "state.npz"),
-            loss=np.asarray(metrics["loss"]),
-            **{jax.tree_util.keystr(path): leaf for path, leaf in leaves},
-        )
+        _save_state(os.path.join(out_dir, "state.npz"), host, metrics["loss"])
     multihost_utils.sync_global_devices("done")
 
 
@@ -135,6 +162,8 @@ if __name__ == "__main__":
         _kill(rest[0], int(rest[1]))
     elif mode == "cli":
         _cli(rest)
+    elif mode == "step":
+        _step(rest[0])
     elif mode == "multiprocess":
         _multiprocess(int(rest[0]), int(rest[1]), rest[2])
     else:
