@@ -18,8 +18,9 @@ or, with ``--default-xla-flags``, the compiler's defaults. It
 
 XLA:CPU launches some convolutions asynchronously, so their trace events cover only the launch.
 ``--convs`` therefore also times every convolution of the model on its own (forward; forward and
-weight gradient; forward and input gradient; all three), in JAX under the same flags and, when
-PyTorch is installed, in PyTorch (channels-last, all cores) side by side.
+weight gradient; forward and input gradient; all three), in JAX under the same flags (through
+``dhel_jax.models.conv_general_dilated``, as the ResNets) and, when PyTorch is installed, in
+PyTorch (channels-last, all cores) side by side.
 
 Results go to ``--out`` (default ``benchmarks/out/profile_train.json``) and tables on stdout.
 """
@@ -51,11 +52,14 @@ def _hlo_sources(dump_dir: str) -> dict[str, tuple[str, str]]:
     if not found:
         return {}
     sources = {}
-    pattern = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name=\"([^\"]+)\"")
+    pattern = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\S+) ")
+    source = re.compile(r"op_name=\"([^\"]+)\"")
     for line in found[-1].read_text().splitlines():
         m = pattern.match(line)
-        if m:
-            op = m.group(3).replace("jit(train_step)/", "").replace("jvp(ContrastiveModel)/", "")
+        if m and m.group(1) not in sources:
+            found_op = source.search(line)
+            op = found_op.group(1) if found_op else "(fused; no source recorded)"
+            op = op.replace("jit(train_step)/", "").replace("jvp(ContrastiveModel)/", "")
             sources[m.group(1)] = (m.group(2).split("{")[0], op)
     return sources
 
@@ -192,8 +196,12 @@ def _time_conv(layer: dict, repeats: int, torch) -> dict:
     x = jnp.asarray(rng.standard_normal((b, side, side, cin)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((k, k, cin, cout)) * 0.05, jnp.float32)
 
+    from dhel_jax import models
+
     def conv(x, w):
-        return jax.lax.conv_general_dilated(
+        # What the ResNets call: jax.lax's convolution with the phase-by-phase input gradient
+        # for strides > 1.
+        return models.conv_general_dilated(
             x,
             w,
             (stride, stride),

@@ -17,12 +17,13 @@ Before JAX starts its backends, ``dhel-train``
   off); every process then runs the same command;
 * on a CPU-only machine, adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` (YNNPACK for the
   convolutions, matmuls and reductions; results equal the default compiler's within float32
-  round-off), and splits the host into ``--cpu_devices`` XLA devices (default ``auto``)
-  unless ``XLA_FLAGS`` already sets ``--xla_force_host_platform_device_count``. A flag the
+  round-off), and splits the host into ``--cpu_devices`` XLA devices (default 1: one
+  device whose operations use every core) unless ``XLA_FLAGS`` already sets ``--xla_force_host_platform_device_count``. A flag the
   user's ``XLA_FLAGS`` already sets is never overridden. Sharded over several host devices,
   results equal the 1-device ones up to float round-off.
 
-``dhel-eval`` does the same before it starts JAX.
+``dhel-eval`` does the same before it starts JAX, except that without ``--cpu_devices`` it splits
+the host into one device per core (inference needs no collectives, and runs faster so).
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
 )
 _CPU_DEVICES = flags.DEFINE_string(
     "cpu_devices",
-    "auto",
-    "CPU-only runs: number of XLA host devices to shard the batch over ('auto': the largest "
-    "divisor of the batch size <= the number of cores; '1': no split). Ignored when XLA_FLAGS "
-    f"sets {_DEVICE_COUNT_FLAG} or an accelerator is present.",
+    "1",
+    "CPU-only runs: number of XLA host devices to shard the batch over ('1': one device whose "
+    "ops use every core, the faster choice on 2 cores (benchmarks/README_train.md); 'auto': the "
+    "largest divisor of the batch size <= the number of cores). Ignored when XLA_FLAGS sets "
+    f"{_DEVICE_COUNT_FLAG} or an accelerator is present.",
 )
 
 _ACCELERATOR_PLUGINS = (
@@ -143,14 +145,16 @@ def cpu_xla_flags(xla_flags: str, jaxlib_version: str | None = None) -> list[str
     return [f"{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in xla_flags]
 
 
-def _configure_cpu_backend(batch_size: int) -> None:
-    """On a CPU-only host: the CPU XLA flags and the device split (see the module docstring)."""
+def _configure_cpu_backend(batch_size: int, default_devices: str = "1") -> None:
+    """On a CPU-only host: the CPU XLA flags and the device split (see the module docstring);
+    ``default_devices`` is the split when ``--cpu_devices`` is not given."""
     if _accelerator_installed():
         return
     xla_flags = os.environ.get("XLA_FLAGS", "")
     added = cpu_xla_flags(xla_flags)
     if _DEVICE_COUNT_FLAG not in xla_flags:
-        count = cpu_device_count(batch_size, _CPU_DEVICES.value)
+        requested = _CPU_DEVICES.value if flags.FLAGS["cpu_devices"].present else default_devices
+        count = cpu_device_count(batch_size, requested)
         if count > 1:
             added.append(f"{_DEVICE_COUNT_FLAG}={count}")
     if added:
@@ -279,7 +283,9 @@ def _eval(argv: list[str]) -> None:
             "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
         )
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    _configure_cpu_backend(_EVAL_BATCH_SIZE)
+    # Inference has no collectives: one device per core extracts features ~19% faster on 2 cores
+    # than one device using both (benchmarks/README_eval.md).
+    _configure_cpu_backend(_EVAL_BATCH_SIZE, default_devices="auto")
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     from dhel_jax import checkpointing, data, evaluate
 

@@ -207,11 +207,28 @@ def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
         main._configure_cpu_backend(12)
     finally:
         flags.FLAGS.unparse_flags()
-    want = main.cpu_device_count(12, "auto")
+    # The default --cpu_devices=1 adds no device split.
     expected = ["--xla_cpu_enable_fast_math=false", *main.cpu_xla_flags("")]
-    if want > 1:
-        expected.append(f"--xla_force_host_platform_device_count={want}")
     assert os.environ["XLA_FLAGS"] == " ".join(expected)
+    want = main.cpu_device_count(12, "auto")
+    split = [f"--xla_force_host_platform_device_count={want}"] if want > 1 else []
+    # --cpu_devices=auto, or dhel-eval's default when the flag is not given.
+    for argv, default in ((["--cpu_devices=auto"], "1"), ([], "auto")):
+        monkeypatch.setenv("XLA_FLAGS", "")
+        flags.FLAGS(["dhel-train", *argv])
+        try:
+            main._configure_cpu_backend(12, default_devices=default)
+        finally:
+            flags.FLAGS.unparse_flags()
+        assert os.environ["XLA_FLAGS"] == " ".join([*main.cpu_xla_flags(""), *split])
+    # An explicit --cpu_devices wins over dhel-eval's default.
+    monkeypatch.setenv("XLA_FLAGS", "")
+    flags.FLAGS(["dhel-eval", "--cpu_devices=1"])
+    try:
+        main._configure_cpu_backend(12, default_devices="auto")
+    finally:
+        flags.FLAGS.unparse_flags()
+    assert os.environ["XLA_FLAGS"] == " ".join(main.cpu_xla_flags(""))
     # On an accelerator host nothing is added.
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     monkeypatch.setenv("XLA_FLAGS", "")

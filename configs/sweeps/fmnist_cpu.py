@@ -45,7 +45,7 @@ def get_sweep() -> ml_collections.ConfigDict:
                 "head_out_dim": 64,
                 "head_num_layers": 2,
             },
-            "augment": {"out_size": 12},
+            "augment": {"out_size": 12, "jitter_strength": 0.5},
             "num_epochs": 4,
             "optimizer": {
                 "name": "lars",
