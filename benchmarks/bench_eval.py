@@ -5,7 +5,7 @@ Measures, for each requested number of XLA host devices (``--cpu_devices``, CPU 
 * ``dhel-eval``: the whole command in a fresh process (imports, checkpoint restore, data
   loading, compilation, feature extraction, ``fast`` probe, kNN, geometry, plots), with the
   per-phase seconds it records in ``eval.json``. Outputs go to a temporary ``--out_dir``: the
-  run's workdir is not touched. Target for the Fashion-MNIST default: <= 2 minutes on 2 cores.
+  run's workdir is not touched.
 * ``extract``: ``evaluate.extract_features`` of the train + test splits (70k images for
   Fashion-MNIST), first call (with compilation) and a second, warm call; images per second.
 * ``fast_probe``: ``probes.linear_probe_accuracy`` on those features, first and second call.
@@ -32,12 +32,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dhel_jax import main as dhel_main  # noqa: E402 - after the path set-up; no JAX backend.
+
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_FLAG))
+    # The CPU flags dhel-eval sets itself, so that the worker's phases are timed as they run there.
+    flags = " ".join([flags, *dhel_main.cpu_xla_flags(flags)])
     env["XLA_FLAGS"] = f"{flags} {DEVICE_FLAG}={devices}".strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -134,6 +140,7 @@ def main() -> None:
 
     report: dict = {
         "workdir": os.path.abspath(args.workdir),
+        "xla_flags": _env(1)["XLA_FLAGS"],
         "machine": {
             "cpu_count": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),

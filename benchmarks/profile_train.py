@@ -156,7 +156,7 @@ def conv_layers(model: str) -> list[dict]:
             layers[(b, side, cin, cout, 3, stride)] += 1
             if stride != 1 or cin != cout:
                 layers[(b, side, cin, cout, 1, stride)] += 1
-            side //= stride
+            side = -(-side // stride)  # SAME padding: ceil(side / stride)
             layers[(b, side, cout, cout, 3, 1)] += 1
             cin = cout
     keys = ("batch", "side", "cin", "cout", "kernel", "stride")

@@ -145,20 +145,32 @@ def cpu_xla_flags(xla_flags: str, jaxlib_version: str | None = None) -> list[str
     return [f"{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in xla_flags]
 
 
+def use_cpu_xla_flags() -> list[str]:
+    """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` as ``dhel-train`` does, for code that trains
+    in-process (a notebook, a script): only on a CPU-only host, never over a flag already set,
+    and only on the validated jaxlib series. Call it before JAX's first computation, which is
+    when XLA reads ``XLA_FLAGS``. Returns the flags it added."""
+    if _accelerator_installed():
+        return []
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    added = cpu_xla_flags(xla_flags)
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([xla_flags, *added]).strip()
+    return added
+
+
 def _configure_cpu_backend(batch_size: int, default_devices: str = "1") -> None:
     """On a CPU-only host: the CPU XLA flags and the device split (see the module docstring);
     ``default_devices`` is the split when ``--cpu_devices`` is not given."""
     if _accelerator_installed():
         return
+    use_cpu_xla_flags()
     xla_flags = os.environ.get("XLA_FLAGS", "")
-    added = cpu_xla_flags(xla_flags)
     if _DEVICE_COUNT_FLAG not in xla_flags:
         requested = _CPU_DEVICES.value if flags.FLAGS["cpu_devices"].present else default_devices
         count = cpu_device_count(batch_size, requested)
         if count > 1:
-            added.append(f"{_DEVICE_COUNT_FLAG}={count}")
-    if added:
-        os.environ["XLA_FLAGS"] = " ".join([xla_flags, *added]).strip()
+            os.environ["XLA_FLAGS"] = f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
 
 
 class _OwnInfoOnly(logging.Filter):
@@ -267,7 +279,7 @@ _BASELINES = flags.DEFINE_boolean(
     "re-estimated on train images) and the raw pixels, with the same probes.",
 )
 # dhel_jax.evaluate.EvalSettings.batch_size: the CPU split must divide it.
-_EVAL_BATCH_SIZE = 1024
+_EVAL_BATCH_SIZE = 256
 
 
 def _eval(argv: list[str]) -> None:
@@ -283,8 +295,8 @@ def _eval(argv: list[str]) -> None:
             "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
         )
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    # Inference has no collectives: one device per core extracts features ~19% faster on 2 cores
-    # than one device using both (benchmarks/README_eval.md).
+    # Inference has no collectives: one device per core extracts features ~1.5x faster on 2
+    # cores than one device using both (benchmarks/README_eval.md).
     _configure_cpu_backend(_EVAL_BATCH_SIZE, default_devices="auto")
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     from dhel_jax import checkpointing, data, evaluate
