@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dhel_jax import main as dhel_main  # noqa: E402 - after the path set-up; no JAX backend.
+from dhel_jax import cpu  # noqa: E402 - after the path set-up; starts no JAX backend.
 
 DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -43,7 +43,7 @@ def _env(devices: int) -> dict[str, str]:
     env = dict(os.environ)
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_FLAG))
     # The CPU flags dhel-eval sets itself, so that the worker's phases are timed as they run there.
-    flags = " ".join([flags, *dhel_main.cpu_xla_flags(flags)])
+    flags = " ".join([flags, *cpu.cpu_xla_flags(flags)])
     env["XLA_FLAGS"] = f"{flags} {DEVICE_FLAG}={devices}".strip()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

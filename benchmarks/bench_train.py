@@ -328,7 +328,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from dhel_jax.main import cpu_xla_flags
+    from dhel_jax.cpu import cpu_xla_flags
 
     base_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     base_env["PYTHONPATH"] = str(ROOT)
@@ -350,7 +350,7 @@ def main() -> None:
         batch = bench_config(model).batch_size
         workers = []
         for n in [int(d) for d in args.devices.split(",")]:
-            # The XLA:CPU options dhel-train sets (dhel_jax.main.CPU_XLA_FLAGS), unless
+            # The XLA:CPU options dhel-train sets (dhel_jax.cpu.CPU_XLA_FLAGS), unless
             # --default-xla-flags asks for the compiler's defaults.
             extra = [] if args.default_xla_flags else cpu_xla_flags("")
             xla_flags = " ".join([f"--xla_force_host_platform_device_count={n}", *extra])

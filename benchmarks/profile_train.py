@@ -6,7 +6,7 @@ Usage (from the repository root)::
         [--devices 1] [--default-xla-flags] [--steps 3] [--top 25] [--out PATH]
 
 One process builds ``dhel_jax.train``'s step for the model of ``benchmarks/bench_train.py``
-(online probe off), with the XLA:CPU options ``dhel-train`` sets (``dhel_jax.main.CPU_XLA_FLAGS``)
+(online probe off), with the XLA:CPU options ``dhel-train`` sets (``dhel_jax.cpu.CPU_XLA_FLAGS``)
 or, with ``--default-xla-flags``, the compiler's defaults. It
 
 1. times ``--steps`` steps after two warm-up steps;
@@ -73,7 +73,7 @@ def _op_events(trace_dir: str) -> list[dict]:
 def profile(model: str, devices: int, default_flags: bool, steps: int, top: int) -> dict:
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from dhel_jax.main import cpu_xla_flags
+    from dhel_jax.cpu import cpu_xla_flags
 
     dump_dir = tempfile.mkdtemp(prefix="profile_train_hlo_")
     extra = [] if default_flags else cpu_xla_flags("")
