@@ -44,6 +44,7 @@ __version__ = "0.1.0"
 _LAZY_SUBMODULES = (
     "augment",
     "checkpointing",
+    "cpu",
     "data",
     "evaluate",
     "models",

@@ -28,28 +28,19 @@ the host into one device per core (inference needs no collectives, and runs fast
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import logging
 import os
 import re
 import sys
+from typing import Any
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+from dhel_jax.cpu import accelerator_installed, use_cpu_xla_flags
 
-#: XLA options that dhel-train and dhel-eval add on CPU-only hosts: route convolutions,
-#: matmuls and reductions to YNNPACK (XLA:CPU's default sends only reductions there, and
-#: ``=dot`` alone sends the reductions back to a slow reduce-window path). Measured in
-#: benchmarks/README_train.md; tests/test_train.py checks that a train step with them equals
-#: one without them within float32 round-off.
-CPU_XLA_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "dot,reduce"}
-# The jaxlib series the flags were validated on: an XLA that does not know a flag in XLA_FLAGS
-# aborts at start-up, so on any other jaxlib none is added.
-_CPU_FLAGS_JAXLIB_SERIES = "0.10."
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -80,14 +71,6 @@ _CPU_DEVICES = flags.DEFINE_string(
     f"{_DEVICE_COUNT_FLAG} or an accelerator is present.",
 )
 
-_ACCELERATOR_PLUGINS = (
-    "libtpu",
-    "jax_cuda12_plugin",
-    "jax_cuda13_plugin",
-    "jax_rocm6_plugin",
-    "jax_rocm7_plugin",
-)
-
 
 def _tpu_chips_present() -> bool:
     try:
@@ -108,13 +91,6 @@ def _multiprocess_environment() -> bool:
     return _tpu_chips_present()
 
 
-def _accelerator_installed() -> bool:
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    if platforms:
-        return platforms.split(",")[0].strip() not in ("cpu", "")
-    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
-
-
 def cpu_device_count(batch_size: int, requested: str, cores: int | None = None) -> int:
     """The number of host devices for a CPU run: ``requested``, or for ``'auto'`` the largest
     divisor of ``batch_size`` that is at most the number of cores."""
@@ -132,37 +108,10 @@ def cpu_device_count(batch_size: int, requested: str, cores: int | None = None) 
     return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
 
 
-def cpu_xla_flags(xla_flags: str, jaxlib_version: str | None = None) -> list[str]:
-    """The :data:`CPU_XLA_FLAGS` to append to ``xla_flags`` (the user's ``XLA_FLAGS``): each
-    one the user does not already set, and none on a jaxlib outside the validated series."""
-    if jaxlib_version is None:
-        try:
-            jaxlib_version = importlib.metadata.version("jaxlib")
-        except importlib.metadata.PackageNotFoundError:
-            return []
-    if not jaxlib_version.startswith(_CPU_FLAGS_JAXLIB_SERIES):
-        return []
-    return [f"{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in xla_flags]
-
-
-def use_cpu_xla_flags() -> list[str]:
-    """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` as ``dhel-train`` does, for code that trains
-    in-process (a notebook, a script): only on a CPU-only host, never over a flag already set,
-    and only on the validated jaxlib series. Call it before JAX's first computation, which is
-    when XLA reads ``XLA_FLAGS``. Returns the flags it added."""
-    if _accelerator_installed():
-        return []
-    xla_flags = os.environ.get("XLA_FLAGS", "")
-    added = cpu_xla_flags(xla_flags)
-    if added:
-        os.environ["XLA_FLAGS"] = " ".join([xla_flags, *added]).strip()
-    return added
-
-
 def _configure_cpu_backend(batch_size: int, default_devices: str = "1") -> None:
     """On a CPU-only host: the CPU XLA flags and the device split (see the module docstring);
     ``default_devices`` is the split when ``--cpu_devices`` is not given."""
-    if _accelerator_installed():
+    if accelerator_installed():
         return
     use_cpu_xla_flags()
     xla_flags = os.environ.get("XLA_FLAGS", "")
@@ -178,6 +127,66 @@ class _OwnInfoOnly(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or "dhel_jax" in record.pathname
+
+
+# Exit statuses of dhel-train and dhel-eval: 2 for a usage or config error, 1 for a runtime
+# failure (data, checkpoint, non-finite training). With DHEL_JAX_TRACEBACK=1 the error is raised
+# with its traceback instead, for bug reports.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+TRACEBACK_ENV = "DHEL_JAX_TRACEBACK"
+
+
+class _ErrorExit(SystemExit):
+    """A failure already reported on stderr; the console scripts end the process on it."""
+
+
+def _exit_with_error(prog: str, error: BaseException, status: int) -> None:
+    """Prints ``<prog>: error: <message>`` as one line on stderr, then raises
+    :class:`_ErrorExit` with ``status`` (or, with ``DHEL_JAX_TRACEBACK=1``, re-raises ``error``
+    with its traceback). Callers only get here after the training loop's ``finally`` has
+    waited for and closed every checkpoint write."""
+    if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+        raise error
+    message = " ".join(str(error).split())
+    sys.stdout.flush()
+    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.flush()
+    raise _ErrorExit(status) from None
+
+
+def _without_closed_loop_noise(hook: Any) -> Any:
+    """``sys.unraisablehook`` minus one known message: when a checkpoint restore fails, Orbax's
+    background threads call into their already closed asyncio loop and Python prints each
+    ``RuntimeError: Event loop is closed`` as an ignored exception (hundreds of lines). Anything
+    else goes to ``hook``."""
+
+    def hook_without_noise(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return hook_without_noise
+
+
+def _run(prog: str, main: Any) -> None:
+    """absl's ``app.run`` of ``main``, usage errors reported as one line (status 2). A reported
+    failure ends the process at once (``os._exit``), so that no library thread (Orbax's asyncio
+    loops) prints its own traceback during the interpreter's shutdown after the message."""
+
+    def checked(argv: list[str]) -> None:
+        try:
+            main(argv)
+        except app.UsageError as e:
+            _exit_with_error(prog, e, EXIT_USAGE)
+
+    if os.environ.get(TRACEBACK_ENV, "").strip() in ("", "0"):
+        sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
+    try:
+        app.run(checked, argv=sys.argv, flags_parser=parse_flags)
+    except _ErrorExit as e:
+        os._exit(int(e.code))  # type: ignore[arg-type]
 
 
 def _train(argv: list[str]) -> None:
@@ -198,7 +207,7 @@ def _train(argv: list[str]) -> None:
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     import jax
 
-    from dhel_jax import train
+    from dhel_jax import checkpointing, data, train
 
     if distributed:
         jax.distributed.initialize()
@@ -209,15 +218,28 @@ def _train(argv: list[str]) -> None:
         jax.device_count(),
         jax.devices()[0].platform,
     )
-    train.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        train.validate_config(config)
+    except ValueError as e:
+        _exit_with_error("dhel-train", e, EXIT_USAGE)
+    try:
+        train.train_and_evaluate(config, _WORKDIR.value)
+    except ValueError as e:  # config combinations that need the dataset, e.g. the warm-up
+        _exit_with_error("dhel-train", e, EXIT_USAGE)
+    except (
+        checkpointing.CheckpointError,
+        data.DatasetUnavailableError,
+        train.NonFiniteLossError,
+        OSError,  # e.g. an unwritable or full --workdir; the message names the path
+    ) as e:
+        _exit_with_error("dhel-train", e, EXIT_FAILURE)
 
 
 def _fail(message: str) -> None:
-    sys.stderr.write(
-        f"FATAL Flags parsing error: {message}\nPass --helpshort or --helpfull to see help on "
-        "flags.\n"
-    )
-    sys.exit(1)
+    prog = os.path.basename(sys.argv[0]) if sys.argv else "dhel"
+    message = " ".join(message.split())
+    sys.stderr.write(f"{prog}: error: {message} (--helpshort lists the flags)\n")
+    sys.exit(EXIT_USAGE)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -246,7 +268,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def train_main() -> None:
     """The ``dhel-train`` console script."""
-    app.run(_train, argv=sys.argv, flags_parser=parse_flags)
+    _run("dhel-train", _train)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,8 +335,10 @@ def _eval(argv: list[str]) -> None:
             with_baselines=_BASELINES.value,
             paper_probe=paper,
         )
-    except (checkpointing.CheckpointError, data.DatasetUnavailableError, ValueError) as e:
-        sys.exit(f"dhel-eval: error: {e}")
+    except ValueError as e:
+        _exit_with_error("dhel-eval", e, EXIT_USAGE)
+    except (checkpointing.CheckpointError, data.DatasetUnavailableError) as e:
+        _exit_with_error("dhel-eval", e, EXIT_FAILURE)
     print(evaluate.summary(results))
 
 
@@ -327,6 +351,7 @@ def eval_main() -> None:
     evaluates a checkpoint with :func:`dhel_jax.evaluate.evaluate` (read-only: nothing under
     ``<workdir>/checkpoints`` is written), writes ``eval.json`` and ``plots/*.png`` to the
     workdir (or ``--out_dir``) and prints a summary. A missing workdir or step, or an unreadable
-    checkpoint, exits with status 1 and a message naming the path and the available steps.
+    checkpoint, exits with status 1 and a one-line message naming the path and the available
+    steps; a bad setting with status 2.
     """
-    app.run(_eval, argv=sys.argv, flags_parser=parse_flags)
+    _run("dhel-eval", _eval)

@@ -216,7 +216,7 @@ def test_corrupt_checkpoint_is_reported_and_left_byte_identical(run, tmp_path, m
     assert hash_tree(workdir) == before  # no eval.json, no plots, checkpoints untouched
 
 
-def test_missing_step_or_workdir_names_the_available_steps(run, tmp_path):
+def test_missing_step_or_workdir_names_the_available_steps(run, tmp_path, capsys):
     before = hash_tree(run)
     with pytest.raises(checkpointing.CheckpointError, match=r"no checkpoint at step 3: .*\[2, 4\]"):
         evaluate.evaluate(run, step=3)
@@ -225,7 +225,7 @@ def test_missing_step_or_workdir_names_the_available_steps(run, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="no checkpoints in .*nowhere"):
         evaluate.evaluate(missing)
     assert not missing.exists()
-    # The CLI exits with status 1 and the message, no traceback.
+    # The CLI prints one line and exits with status 1, no traceback.
     argv = ["dhel-eval", f"--workdir={run}", "--step=3"]
     main.parse_flags(argv)
     try:
@@ -233,8 +233,9 @@ def test_missing_step_or_workdir_names_the_available_steps(run, tmp_path):
             main._eval(argv[:1])
     finally:
         flags.FLAGS.unparse_flags()
-    assert "dhel-eval: error: no checkpoint at step 3" in str(exit_info.value.code)
-    assert "[2, 4]" in str(exit_info.value.code)
+    assert exit_info.value.code == main.EXIT_FAILURE
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("dhel-eval: error: no checkpoint at step 3") and "[2, 4]" in line
 
 
 def test_outputs_never_go_inside_the_checkpoint_directory(run):

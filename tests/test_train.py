@@ -26,7 +26,7 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from dhel_jax import checkpointing, losses, main, parallel, train
+from dhel_jax import checkpointing, cpu, losses, main, parallel, train
 from tests import train_worker
 from tests.helpers import hash_tree, parse_train_command, truncate_state_arrays
 from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, fixed_batch, tiny_config
@@ -193,9 +193,9 @@ def test_cpu_device_count_divides_the_batch():
 
 def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
     ynn = "--xla_cpu_experimental_ynn_fusion_type"
-    assert main.cpu_xla_flags("", "0.10.2") == [f"{ynn}=dot,reduce"]
-    assert main.cpu_xla_flags(f"{ynn}=dot", "0.10.2") == []
-    assert main.cpu_xla_flags("", "0.11.0") == []  # not validated there: nothing added
+    assert cpu.cpu_xla_flags("", "0.10.2") == [f"{ynn}=dot,reduce"]
+    assert cpu.cpu_xla_flags(f"{ynn}=dot", "0.10.2") == []
+    assert cpu.cpu_xla_flags("", "0.11.0") == []  # not validated there: nothing added
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     user = f"--xla_force_host_platform_device_count=3 {ynn}=eltwise"
     monkeypatch.setenv("XLA_FLAGS", user)
@@ -208,7 +208,7 @@ def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
     finally:
         flags.FLAGS.unparse_flags()
     # The default --cpu_devices=1 adds no device split.
-    expected = ["--xla_cpu_enable_fast_math=false", *main.cpu_xla_flags("")]
+    expected = ["--xla_cpu_enable_fast_math=false", *cpu.cpu_xla_flags("")]
     assert os.environ["XLA_FLAGS"] == " ".join(expected)
     want = main.cpu_device_count(12, "auto")
     split = [f"--xla_force_host_platform_device_count={want}"] if want > 1 else []
@@ -220,7 +220,7 @@ def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
             main._configure_cpu_backend(12, default_devices=default)
         finally:
             flags.FLAGS.unparse_flags()
-        assert os.environ["XLA_FLAGS"] == " ".join([*main.cpu_xla_flags(""), *split])
+        assert os.environ["XLA_FLAGS"] == " ".join([*cpu.cpu_xla_flags(""), *split])
     # An explicit --cpu_devices wins over dhel-eval's default.
     monkeypatch.setenv("XLA_FLAGS", "")
     flags.FLAGS(["dhel-eval", "--cpu_devices=1"])
@@ -228,7 +228,7 @@ def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
         main._configure_cpu_backend(12, default_devices="auto")
     finally:
         flags.FLAGS.unparse_flags()
-    assert os.environ["XLA_FLAGS"] == " ".join(main.cpu_xla_flags(""))
+    assert os.environ["XLA_FLAGS"] == " ".join(cpu.cpu_xla_flags(""))
     # On an accelerator host nothing is added.
     monkeypatch.setenv("JAX_PLATFORMS", "cuda")
     monkeypatch.setenv("XLA_FLAGS", "")
@@ -550,7 +550,7 @@ def test_two_processes_train_like_one(tmp_path, eight_devices, compilation_cache
 def test_cpu_xla_flags_keep_a_train_step_within_float32_round_off(tmp_path):
     """Two train steps with dhel-train's CPU XLA flags and without them (fresh processes: the
     flags are read when XLA starts) give the same loss, parameters and statistics."""
-    extra = main.cpu_xla_flags("")
+    extra = cpu.cpu_xla_flags("")
     if not extra:
         pytest.skip("this jaxlib is outside the series the CPU flags are validated on")
     results = {}
@@ -572,3 +572,108 @@ def test_cpu_xla_flags_keep_a_train_step_within_float32_round_off(tmp_path):
     np.testing.assert_allclose(dhel["loss"], default["loss"], rtol=1e-5)
     for key in default.files:
         np.testing.assert_allclose(dhel[key], default[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("--config.optimizer.base_lr=0.0", "config.optimizer.base_lr must be a number > 0"),
+        # Found only once the dataset's size is known: 10 epochs of warm-up > 3 steps.
+        ("--config.num_train_steps=3", "config.optimizer.warmup_epochs = 10"),
+    ],
+)
+def test_cli_config_errors_are_one_line_with_status_2(
+    tmp_path, compilation_cache, override, needle
+):
+    workdir = tmp_path / "run"
+    args = [
+        f"--config={ROOT / 'configs' / 'cifar10.py'}",
+        f"--workdir={workdir}",
+        "--config.batch_size=16",
+        override,
+    ]
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "cli", *args],
+        env=_env(compilation_cache),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == main.EXIT_USAGE, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dhel-train: error: ") and needle in last, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_cache):
+    """A truncated array of the latest checkpoint, then the same dhel-train command again: one
+    error line, status 1, no traceback or library noise, and nothing on disk changed."""
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        str(WORKER),
+        "cli",
+        f"--config={ROOT / 'configs' / 'fashion_mnist.py'}",
+        f"--workdir={workdir}",
+        "--config.model.name=resnet_tiny",
+        "--config.model.num_filters=4",
+        "--config.model.head_hidden_dim=16",
+        "--config.model.head_out_dim=8",
+        "--config.augment.out_size=16",
+        "--config.batch_size=16",
+        "--config.num_train_steps=2",
+        "--config.optimizer.warmup_epochs=0",
+    ]
+    env = _env(compilation_cache)
+    first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    truncate_state_arrays(workdir, 2, divisor=2)
+    before = hash_tree(workdir)
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == main.EXIT_FAILURE, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dhel-train: error: ") and "available steps" in last, last
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert hash_tree(workdir) == before
+
+
+def test_traceback_env_shows_the_traceback(tmp_path, compilation_cache):
+    """DHEL_JAX_TRACEBACK=1: the same config error, raised with its traceback."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(WORKER),
+            "cli",
+            f"--config={ROOT / 'configs' / 'cifar10.py'}",
+            f"--workdir={tmp_path / 'run'}",
+            "--config.optimizer.base_lr=0.0",
+        ],
+        env=_env(compilation_cache, **{main.TRACEBACK_ENV: "1"}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    assert "ValueError: " in proc.stderr and "config.optimizer.base_lr" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--workdir=/nonexistent/run"], "usage: dhel-train --config"),
+        (["--bogus_flag=1"], "bogus_flag"),
+    ],
+)
+def test_cli_usage_errors_are_one_line_with_status_2(tmp_path, args, needle):
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "cli", *args],
+        env=_env(str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == main.EXIT_USAGE, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("dhel-train: error: ") and needle in line, line
+    assert "Traceback" not in proc.stderr and "FATAL" not in proc.stderr

@@ -1,0 +1,67 @@
+"""XLA:CPU options for training and evaluation on a CPU-only host.
+
+Needs nothing but the standard library, and starts no JAX backend: XLA reads ``XLA_FLAGS``
+once, when JAX's first computation starts it, so :func:`use_cpu_xla_flags` must run before that
+(``dhel-train`` and ``dhel-eval`` call it first thing; notebooks and scripts that train
+in-process can too).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+
+#: XLA options that dhel-train and dhel-eval add on CPU-only hosts: route convolutions,
+#: matmuls and reductions to YNNPACK (XLA:CPU's default sends only reductions there, and
+#: ``=dot`` alone sends the reductions back to a slow reduce-window path). Measured in
+#: benchmarks/README_train.md; tests/test_train.py checks that a train step with them equals
+#: one without them within float32 round-off.
+CPU_XLA_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "dot,reduce"}
+# The jaxlib series the flags were validated on: an XLA that does not know a flag in XLA_FLAGS
+# aborts at start-up, so on any other jaxlib none is added.
+_CPU_FLAGS_JAXLIB_SERIES = "0.10."
+
+_ACCELERATOR_PLUGINS = (
+    "libtpu",
+    "jax_cuda12_plugin",
+    "jax_cuda13_plugin",
+    "jax_rocm6_plugin",
+    "jax_rocm7_plugin",
+)
+
+
+def accelerator_installed() -> bool:
+    """Whether JAX will start an accelerator backend: ``JAX_PLATFORMS`` names a non-CPU one,
+    or (unset) a TPU, CUDA or ROCm plugin is installed."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() not in ("cpu", "")
+    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
+def cpu_xla_flags(xla_flags: str, jaxlib_version: str | None = None) -> list[str]:
+    """The :data:`CPU_XLA_FLAGS` to append to ``xla_flags`` (the user's ``XLA_FLAGS``): each
+    one the user does not already set, and none on a jaxlib outside the validated series."""
+    if jaxlib_version is None:
+        try:
+            jaxlib_version = importlib.metadata.version("jaxlib")
+        except importlib.metadata.PackageNotFoundError:
+            return []
+    if not jaxlib_version.startswith(_CPU_FLAGS_JAXLIB_SERIES):
+        return []
+    return [f"{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in xla_flags]
+
+
+def use_cpu_xla_flags() -> list[str]:
+    """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` as ``dhel-train`` does, for code that trains
+    in-process (a notebook, a script): only on a CPU-only host, never over a flag already set,
+    and only on the validated jaxlib series. Call it before JAX's first computation, which is
+    when XLA reads ``XLA_FLAGS``. Returns the flags it added."""
+    if accelerator_installed():
+        return []
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    added = cpu_xla_flags(xla_flags)
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([xla_flags, *added]).strip()
+    return added
