@@ -9,7 +9,7 @@ Sections:
 
 * ``losses``: ``jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))`` for every
   loss of ``dhel_jax.losses.LOSSES`` at M in {256, 1024, 4096}, d = 128,
-  float32, SPEC.md default hyper-parameters, against the PyTorch eager
+  float32, docs/spec.md default hyper-parameters, against the PyTorch eager
   baselines of ``torch_reference.py`` (forward + ``.backward()``): the dense
   formulation for every loss and, for dhel, kcl and align_uniform, the
   published one. Each baseline's loss is first checked to equal ours within
@@ -153,7 +153,7 @@ def _inputs(m: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def jax_step(name: str, block_size: int | None = None) -> Callable:
-    """``jit(value_and_grad(loss, argnums=(0, 1)))`` at the SPEC.md defaults."""
+    """``jit(value_and_grad(loss, argnums=(0, 1)))`` at the docs/spec.md defaults."""
     loss = functools.partial(LOSSES[name], block_size=block_size)
     return jax.jit(jax.value_and_grad(lambda a, b: loss(a, b), argnums=(0, 1)))
 
@@ -172,7 +172,7 @@ def _jax_runner(step: Callable, z1: np.ndarray, z2: np.ndarray):
 
 
 def _torch_kwargs(name: str, fn: Callable) -> dict[str, Any]:
-    """Our SPEC.md defaults for the keywords the torch baseline takes."""
+    """Our docs/spec.md defaults for the keywords the torch baseline takes."""
     ours = loss_hyperparameters(name)
     return {k: ours[k] for k in inspect.signature(fn).parameters if k in ours}
 

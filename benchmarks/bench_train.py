@@ -21,7 +21,7 @@ OpenMP threads would compete with XLA's in one process):
 * ``jax model step, N dev``: the same step without the augmentation (pre-made float views), the
   like-for-like comparison with PyTorch, whose augmentation runs in DataLoader workers;
 * ``torch eager, nchw | channels_last``: the same architecture, loss and optimiser written from
-  SPEC.md: forward on the 2B views, DHEL, ``backward()``, ``SGD.step()``.
+  docs/spec.md: forward on the 2B views, DHEL, ``backward()``, ``SGD.step()``.
 
 Two views count as two images: images/second = 2 B / (seconds per step). Every contender is
 started and warmed up (compiled) first, one at a time; then each of ``--rounds`` rounds runs
@@ -238,7 +238,7 @@ def torch_step(model: str, channels_last: bool, threads: int):
             return self.head(h)
 
     def dhel(z1, z2, tau: float = 0.3):
-        """SPEC.md dhel, include_augs=True: -u.v/tau + LSE_{j!=i} u.u/tau + LSE_{j!=i} v.v/tau."""
+        """docs/spec.md dhel (include_augs=True): -u.v/tau + LSE(u.u/tau) + LSE(v.v/tau), j != i."""
         u, v = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
         eye = torch.eye(u.shape[0], dtype=torch.bool)
         pos = (u * v).sum(1) / tau

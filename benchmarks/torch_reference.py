@@ -1,4 +1,4 @@
-"""PyTorch eager baselines for ``bench_losses.py``, written from SPEC.md.
+"""PyTorch eager baselines for ``bench_losses.py``, written from docs/spec.md.
 
 Two formulations are given where they differ in cost:
 
@@ -13,7 +13,7 @@ Two formulations are given where they differ in cost:
   Wang & Isola (2020) ``pdist`` uniformity.
 
 Every function takes two (M, d) float tensors ``z1``, ``z2`` (row i of ``z2`` is
-the positive of row i of ``z1``) and the SPEC.md default hyper-parameters, and
+the positive of row i of ``z1``) and the docs/spec.md default hyper-parameters, and
 returns a scalar tensor that autograd can differentiate. torch is only a
 benchmark dependency (the ``bench`` extra); nothing in ``dhel_jax`` imports it.
 """
@@ -189,7 +189,7 @@ PUBLISHED: dict[str, LossFn] = {
 def sphere_cdf_grid(d: int, num_bins: int) -> np.ndarray:
     """CDF of ``u.v`` (u, v uniform on the sphere of R^d) at ``num_bins + 1`` points of [-1, 1].
 
-    ``(1 + s) / 2 ~ Beta((d - 1)/2, (d - 1)/2)`` (SPEC.md). Depends only on
+    ``(1 + s) / 2 ~ Beta((d - 1)/2, (d - 1)/2)`` (docs/spec.md). Depends only on
     ``(d, num_bins)``, so callers compute it once and reuse it.
     """
     from scipy.special import betainc

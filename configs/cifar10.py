@@ -4,7 +4,7 @@
     dhel-train --config configs/cifar10.py:kcl --workdir runs/cifar10_kcl --config.loss.gamma=8
 
 The optional ``:<loss>`` selects any loss of ``dhel_jax.LOSSES``; its hyper-parameters default
-to SPEC.md's values and are overridden with ``--config.loss.<name>=<value>``.
+to docs/spec.md's values and are overridden with ``--config.loss.<name>=<value>``.
 """
 
 import ml_collections

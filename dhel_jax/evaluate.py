@@ -14,7 +14,7 @@
    * the weighted kNN top-1 test accuracy on the features (``probes.knn_accuracy``: cosine
      similarity, k = 200 neighbours voting with weight exp(s / 0.1), InstDisc / SimCLR monitor;
      chunked, so the (N_test, N_train) similarity matrix never materialises);
-   * the geometry (:func:`geometry`) of the test features and of the test projections (SPEC.md
+   * the geometry (:func:`geometry`) of the test features and of the test projections (docs/spec.md
      Metrics): ``effective_rank`` and ``rank`` of all test rows; ``uniformity`` and
      ``wasserstein_uniformity`` over all pairs of the first ``geometry_examples`` (5000) test
      images; ``alignment`` between two augmented views (the run's training augmentation) of those
@@ -297,7 +297,7 @@ def geometry(
     rank_tol: float = 1e-5,
     block_size: int | None = 1024,
 ) -> dict[str, float]:
-    """Representation geometry of (N, d) embeddings (SPEC.md Metrics; rows L2-normalised).
+    """Representation geometry of (N, d) embeddings (docs/spec.md Metrics; rows L2-normalised).
 
     * ``effective_rank``, ``rank`` (``tol = rank_tol``): of all N rows;
     * ``uniformity`` (t = 2), ``wasserstein_uniformity``: over all pairs of the first
@@ -610,7 +610,7 @@ def settings_from_config(config: ml_collections.ConfigDict, **overrides: Any) ->
 
 def sphere_cosine_density(s: np.ndarray, d: int) -> np.ndarray:
     """Density of ``u . v`` for u, v independent and uniform on the unit sphere of R^d:
-    ``Gamma(d/2) / (sqrt(pi) Gamma((d-1)/2)) (1 - s^2)^((d-3)/2)`` on (-1, 1) (SPEC.md
+    ``Gamma(d/2) / (sqrt(pi) Gamma((d-1)/2)) (1 - s^2)^((d-3)/2)`` on (-1, 1) (docs/spec.md
     ``wasserstein_uniformity``); 0 outside."""
     if not isinstance(d, numbers.Integral) or d < 2:
         raise ValueError(f"sphere_cosine_density: needs dimension d >= 2; got d = {d!r}.")

@@ -1,6 +1,6 @@
 """Kernels of the kernel contrastive loss (KCL), as functions of squared distance.
 
-SPEC.md, "KCL kernels", with ``r = |x - y|`` and ``r2 = r^2``:
+docs/spec.md, "KCL kernels", with ``r = |x - y|`` and ``r2 = r^2``:
 
 ============== ============================== ====================== ==========
 kernel         ``K_U`` (energy)               ``K_A`` (alignment)    valid t

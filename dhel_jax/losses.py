@@ -1,4 +1,4 @@
-"""Contrastive losses of SPEC.md as pure JAX functions.
+"""Contrastive losses of docs/spec.md as pure JAX functions.
 
 Every loss takes two views ``z1``, ``z2`` of shape (M, d) (row i of ``z2`` is
 the positive of row i of ``z1``), L2-normalises the rows to ``u``, ``v``, and
@@ -127,7 +127,7 @@ def info_nce(
     block_size: int | None = None,
     return_aux: bool = False,
 ) -> LossOutput:
-    """InfoNCE with cross-view candidates (SPEC.md ``info_nce``).
+    """InfoNCE with cross-view candidates (docs/spec.md ``info_nce``).
 
     ``mean_i [-u_i.v_i / tau + LSE_j (u_i.v_j / tau)]``, positive included in the
     LSE; ``symmetric=True`` averages with the roles of u and v swapped.
@@ -201,7 +201,7 @@ def simclr(
     block_size: int | None = None,
     return_aux: bool = False,
 ) -> LossOutput:
-    """NT-Xent (SimCLR; SPEC.md ``simclr``).
+    """NT-Xent (SimCLR; docs/spec.md ``simclr``).
 
     For each anchor ``a`` of ``W = [u; v]`` (2M, d):
     ``-a.p(a)/tau + LSE_{b in W, b != a} (a.b/tau)``, averaged over the 2M
@@ -232,7 +232,7 @@ def dcl(
     block_size: int | None = None,
     return_aux: bool = False,
 ) -> LossOutput:
-    """Decoupled contrastive loss (SPEC.md ``dcl``).
+    """Decoupled contrastive loss (docs/spec.md ``dcl``).
 
     As ``simclr`` with the positive ``p(a)`` also removed from the LSE set:
     ``-a.p(a)/tau + LSE_{b in W, b not in {a, p(a)}} (a.b/tau)``.
@@ -262,7 +262,7 @@ def dclw(
     block_size: int | None = None,
     return_aux: bool = False,
 ) -> LossOutput:
-    """Weighted decoupled contrastive loss (SPEC.md ``dclw``).
+    """Weighted decoupled contrastive loss (docs/spec.md ``dclw``).
 
     As ``dcl`` with the positive logit of pair i multiplied by
     ``w_i = 2 - M softmax_i(u_i.v_i / sigma)`` (the same weight for both anchors
@@ -296,7 +296,7 @@ def dhel(
     block_size: int | None = None,
     return_aux: bool = False,
 ) -> LossOutput:
-    """Decoupled hyperspherical energy loss (SPEC.md ``dhel``).
+    """Decoupled hyperspherical energy loss (docs/spec.md ``dhel``).
 
     ``mean_i [-u_i.v_i/tau + LSE_{j != i}(u_i.u_j/tau)
     + [include_augs] LSE_{j != i}(v_i.v_j/tau)]``.
@@ -368,7 +368,7 @@ def kcl(
     block_size: int | None = None,
     return_aux: bool = False,
 ) -> LossOutput:
-    """Kernel contrastive loss (SPEC.md ``kcl``).
+    """Kernel contrastive loss (docs/spec.md ``kcl``).
 
     ``-2 mean_i K_A(u_i, v_i) + gamma (E(u) + E(v))``, with
     ``E(x) = mean_{i<j} K_U(x_i, x_j)`` (a U-statistic: its expectation does not
@@ -409,7 +409,7 @@ def align_uniform(
     block_size: int | None = None,
     return_aux: bool = False,
 ) -> LossOutput:
-    """Alignment + uniformity (Wang & Isola 2020; SPEC.md ``align_uniform``).
+    """Alignment + uniformity (Wang & Isola 2020; docs/spec.md ``align_uniform``).
 
     ``alignment(u, v, alpha) + lam (uniformity(u, t) + uniformity(v, t)) / 2``.
     """
@@ -438,7 +438,7 @@ LOSSES: dict[str, Callable[..., LossOutput]] = {
 
 
 def loss_hyperparameters(name: str) -> dict[str, Any]:
-    """The keyword hyper-parameters of loss ``name`` with their SPEC.md defaults."""
+    """The keyword hyper-parameters of loss ``name`` with their docs/spec.md defaults."""
     fn = _lookup(name)
     return {
         p.name: p.default

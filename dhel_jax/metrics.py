@@ -1,4 +1,4 @@
-"""Representation metrics of SPEC.md as pure JAX functions.
+"""Representation metrics of docs/spec.md as pure JAX functions.
 
 * ``alignment``, ``uniformity`` (Wang & Isola, 2020) and ``hyperspherical_energy``:
   differentiable, so they double as loss terms;
@@ -6,7 +6,7 @@
   uniform points on the sphere, deterministic and sort-free;
 * ``effective_rank`` (RankMe) and ``rank`` (of the covariance).
 
-Rows are L2-normalised inside every metric (SPEC.md, Notation). Every metric
+Rows are L2-normalised inside every metric (docs/spec.md, Notation). Every metric
 accepts ``axis_name``: inside ``jax.shard_map`` with the batch split over that
 axis it returns the value of the global batch. Hyper-parameters and shapes are
 checked at trace time.
@@ -52,7 +52,7 @@ def _safe_power(r2: Array, p: Array) -> Array:
 
 @partition_explicit_axes
 def alignment(x: Array, y: Array, *, alpha: float = 2.0, axis_name: AxisName = None) -> Array:
-    """``mean_i |x_i - y_i|^alpha`` of the normalised rows (SPEC.md ``alignment``).
+    """``mean_i |x_i - y_i|^alpha`` of the normalised rows (docs/spec.md ``alignment``).
 
     Args:
       x, y: (M, d) embeddings; row i of ``y`` is the positive of row i of ``x``.
@@ -82,7 +82,7 @@ def _neg_scaled(r2: Array, t: Array) -> Array:
 def uniformity(
     x: Array, *, t: float = 2.0, axis_name: AxisName = None, block_size: int | None = None
 ) -> Array:
-    """``log mean_{i<j} exp(-t |x_i - x_j|^2)`` of the normalised rows (SPEC.md ``uniformity``).
+    """``log mean_{i<j} exp(-t |x_i - x_j|^2)`` of the normalised rows (docs/spec.md).
 
     Computed as a masked log-sum-exp (no underflow for large t or M).
 
@@ -165,7 +165,7 @@ def _gather_rows(x: Array, axis_name: AxisName) -> Array:
 
 
 def effective_rank(x: Array, *, normalize: bool = True, axis_name: AxisName = None) -> Array:
-    """RankMe effective rank ``exp(-sum_k p_k log p_k)`` (SPEC.md ``effective_rank``).
+    """RankMe effective rank ``exp(-sum_k p_k log p_k)`` (docs/spec.md ``effective_rank``).
 
     ``p = s / sum(s) + 1e-7`` with ``s`` the min(M, d) singular values of the
     uncentred (M, d) matrix x (Garrido et al., 2023). ``normalize=False`` uses
@@ -186,7 +186,7 @@ def effective_rank(x: Array, *, normalize: bool = True, axis_name: AxisName = No
 def rank(
     x: Array, *, tol: float = 1e-5, normalize: bool = True, axis_name: AxisName = None
 ) -> Array:
-    """Rank of the (d, d) covariance of the rows of x (SPEC.md ``rank``), an int32 scalar.
+    """Rank of the (d, d) covariance of the rows of x (docs/spec.md ``rank``), an int32 scalar.
 
     The covariance follows ``numpy.cov(x, rowvar=False)`` (rows are
     observations, ddof = 1) and the rank counts its eigenvalues above ``tol``,
@@ -218,7 +218,7 @@ def _log_energy(r2: Array, _: Array) -> Array:
 def hyperspherical_energy(
     x: Array, *, s: float, axis_name: AxisName = None, block_size: int | None = None
 ) -> Array:
-    """Mean pairwise energy of the normalised rows (SPEC.md ``hyperspherical_energy``).
+    """Mean pairwise energy of the normalised rows (docs/spec.md ``hyperspherical_energy``).
 
     Riesz s-energy ``mean_{i != j} |x_i - x_j|^(-s)`` for s > 0, log-energy
     ``mean_{i != j} -log |x_i - x_j|`` for s = 0. Coincident rows give +inf,
@@ -488,7 +488,7 @@ def wasserstein_uniformity(
     axis_name: AxisName = None,
     block_size: int | None = None,
 ) -> Array:
-    """W1 distance of pair similarities to the sphere law (SPEC.md ``wasserstein_uniformity``).
+    """W1 distance of pair similarities to the sphere law (docs/spec.md ``wasserstein_uniformity``).
 
     ``W1 = int_{-1}^{1} |F_emp(s) - F_d(s)| ds`` between the ECDF of
     ``{u_i . u_j : i < j}`` (normalised rows) and the law of ``u . v`` for u, v

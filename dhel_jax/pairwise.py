@@ -1,6 +1,6 @@
 """Pairwise row reductions: the engine shared by every loss and metric.
 
-Every contrastive loss in SPEC.md is built from per-anchor reductions over a
+Every contrastive loss in docs/spec.md is built from per-anchor reductions over a
 set of candidates, for anchor rows ``a`` (m, d) and candidate rows ``b`` (n, d):
 
 * ``reduce="lse"``: ``LSE_j f(a_i . b_j)`` (InfoNCE family; ``f = s / tau``),
@@ -49,7 +49,7 @@ _SAFE_SQDIST = 1.0
 
 
 def l2_normalize(x: Array, eps: float = _NORM_EPS) -> Array:
-    """Rows ``x_i / max(|x_i|, eps)`` (SPEC.md, Notation), in ``x.dtype``.
+    """Rows ``x_i / max(|x_i|, eps)`` (docs/spec.md, Notation), in ``x.dtype``.
 
     The norm is computed in float32 (or float64) and the square root is taken
     of ``max(|x_i|^2, eps^2)``, so a zero row maps to zero with a finite

@@ -21,7 +21,7 @@ A sweep file (``configs/sweeps/NAME.py``) defines ``get_sweep()``, returning a
 :func:`paper_sweep` builds the whole ``ConfigDict`` of the paper's comparison; every file in
 ``configs/sweeps/`` uses it.
 
-The grid has two views. *Batch size*: every loss at every batch size, at the loss's SPEC.md
+The grid has two views. *Batch size*: every loss at every batch size, at the loss's docs/spec.md
 default temperature. *Temperature*: every loss at every value of its temperature, at
 ``temperature_batch_size``. A cell is one (loss, batch size, temperature); cells in both views
 (e.g. SimCLR at tau = 0.5, B = 128) run once. Every cell runs once per seed (``config.seed``:
@@ -300,7 +300,7 @@ def paper_losses(
 ) -> ml_collections.ConfigDict:
     """``sweep.losses`` of the paper's comparison (table order :data:`PAPER_LOSS_ORDER`):
     SimCLR, DCL and DHEL over ``taus``, KCL with the Gaussian kernel over ``ts``; every other
-    loss field at its SPEC.md default."""
+    loss field at its docs/spec.md default."""
     losses = ml_collections.ConfigDict()
     for name in ("simclr", "dcl", "dhel"):
         losses[name] = {"loss": {"name": name}, "temperature": "tau", "temperatures": tuple(taus)}
@@ -372,7 +372,7 @@ def loss_labels(sweep: ml_collections.ConfigDict) -> list[str]:
 
 
 def default_temperature(sweep: ml_collections.ConfigDict, label: str) -> float:
-    """SPEC.md's default of the loss's temperature (``losses.loss_hyperparameters``)."""
+    """docs/spec.md's default of the loss's temperature (``losses.loss_hyperparameters``)."""
     from dhel_jax import losses
 
     entry = sweep.losses[label]

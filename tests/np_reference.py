@@ -1,4 +1,4 @@
-"""Independent float64 NumPy references, written from ../shared/SPEC.md with explicit loops.
+"""Independent float64 NumPy references, written from docs/spec.md with explicit loops.
 
 Nothing here imports dhel_jax: these are the yardsticks the JAX code is held to.
 """
@@ -106,7 +106,7 @@ def nt_xent_accuracy(z1, z2, kind):
 
 
 def kernel_values(name: str, r: float, t: float) -> tuple[float, float]:
-    """(K_U, K_A) at distance r, SPEC.md "KCL kernels"."""
+    """(K_U, K_A) at distance r, docs/spec.md "KCL kernels"."""
     if name == "gaussian":
         k = math.exp(-t * r * r)
         return k, k

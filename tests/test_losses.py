@@ -1,6 +1,6 @@
 """Losses against float64 loop references, gradients, robustness and input errors.
 
-The theory facts of SPEC.md live in tests/test_theory.py; sharded and tiled
+The theory facts of docs/spec.md live in tests/test_theory.py; sharded and tiled
 evaluation in tests/test_sharding.py.
 """
 

@@ -1,4 +1,5 @@
-"""Metrics against float64 NumPy/SciPy references written from SPEC.md, plus properties and errors.
+"""Metrics against float64 NumPy/SciPy references written from docs/spec.md, plus properties and
+errors.
 
 The references below import nothing from dhel_jax: explicit loops or full matrices, and for the
 Wasserstein uniformity an exact piecewise integration of |F_emp - F_d| built on

@@ -92,7 +92,7 @@ def test_fmnist_cpu_grid_has_unique_cells_and_one_budget():
     assert len(runs) == 2 * len(cells) and {r.seed for r in runs} == {0, 1}
     assert len({r.workdir for r in runs}) == len(runs)
     by_name = {c.name: c for c in cells}
-    # SPEC.md defaults: SimCLR tau 0.5, DCL 0.1, DHEL 0.3, KCL t 2.
+    # docs/spec.md defaults: SimCLR tau 0.5, DCL 0.1, DHEL 0.3, KCL t 2.
     for name in ("simclr_b128_tau0.5", "dcl_b128_tau0.1", "kcl_b128_t2"):
         assert by_name[name].views == ("batch_size", "temperature")
     assert by_name["dhel_b128_tau0.3"].views == ("batch_size",)

@@ -1,4 +1,4 @@
-"""The four facts from the theory in SPEC.md, each checked by a real optimisation or
+"""The four facts from the theory in docs/spec.md, each checked by a real optimisation or
 Monte-Carlo experiment (not by inspecting the code).
 """
 

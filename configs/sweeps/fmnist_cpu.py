@@ -3,7 +3,7 @@
     dhel-sweep --sweep configs/sweeps/fmnist_cpu.py            # 2 h 09 min measured on 2 x86-64 cores
     dhel-sweep --sweep configs/sweeps/fmnist_cpu.py --dry-run  # the 50 runs and their commands
 
-Grid: 4 losses x batch sizes {32, 64, 128, 256} at each loss's SPEC.md default temperature
+Grid: 4 losses x batch sizes {32, 64, 128, 256} at each loss's docs/spec.md default temperature
 (SimCLR tau = 0.5, DCL tau = 0.1, DHEL tau = 0.3, KCL t = 2), plus tau in {0.1, 0.2, 0.5}
 (t in {1, 2, 4} for KCL) at batch 128; the cells the two views share run once: 25 cells x 2
 seeds = 50 runs.
