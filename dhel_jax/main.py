@@ -18,8 +18,9 @@ Before JAX starts its backends, ``dhel-train``
 * on a CPU-only machine, adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` (YNNPACK for the
   convolutions, matmuls and reductions; results equal the default compiler's within float32
   round-off), and splits the host into ``--cpu_devices`` XLA devices (default 1: one
-  device whose operations use every core) unless ``XLA_FLAGS`` already sets ``--xla_force_host_platform_device_count``. A flag the
-  user's ``XLA_FLAGS`` already sets is never overridden. Sharded over several host devices,
+  device whose operations use every core) unless ``XLA_FLAGS`` already sets
+  ``--xla_force_host_platform_device_count``. A flag the user's ``XLA_FLAGS`` already sets is
+  never overridden. Sharded over several host devices,
   results equal the 1-device ones up to float round-off.
 
 ``dhel-eval`` does the same before it starts JAX, except that without ``--cpu_devices`` it splits
@@ -141,17 +142,25 @@ class _ErrorExit(SystemExit):
     """A failure already reported on stderr; the console scripts end the process on it."""
 
 
-def _exit_with_error(prog: str, error: BaseException, status: int) -> None:
-    """Prints ``<prog>: error: <message>`` as one line on stderr, then raises
-    :class:`_ErrorExit` with ``status`` (or, with ``DHEL_JAX_TRACEBACK=1``, re-raises ``error``
-    with its traceback). Callers only get here after the training loop's ``finally`` has
-    waited for and closed every checkpoint write."""
-    if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
-        raise error
-    message = " ".join(str(error).split())
+def _traceback_requested() -> bool:
+    return os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0")
+
+
+def _write_error(prog: str, message: str) -> None:
+    """``<prog>: error: <message>`` as one line on stderr (whitespace runs collapsed)."""
     sys.stdout.flush()
-    sys.stderr.write(f"{prog}: error: {message}\n")
+    sys.stderr.write(f"{prog}: error: {' '.join(message.split())}\n")
     sys.stderr.flush()
+
+
+def _exit_with_error(prog: str, error: BaseException, status: int) -> None:
+    """Reports ``error`` with :func:`_write_error`, then raises :class:`_ErrorExit` with
+    ``status`` (or, with ``DHEL_JAX_TRACEBACK=1``, re-raises ``error`` with its traceback).
+    Callers only get here after the training loop's ``finally`` has waited for and closed
+    every checkpoint write."""
+    if _traceback_requested():
+        raise error
+    _write_error(prog, str(error))
     raise _ErrorExit(status) from None
 
 
@@ -181,7 +190,7 @@ def _run(prog: str, main: Any) -> None:
         except app.UsageError as e:
             _exit_with_error(prog, e, EXIT_USAGE)
 
-    if os.environ.get(TRACEBACK_ENV, "").strip() in ("", "0"):
+    if not _traceback_requested():
         sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     try:
         app.run(checked, argv=sys.argv, flags_parser=parse_flags)
@@ -219,12 +228,10 @@ def _train(argv: list[str]) -> None:
         jax.devices()[0].platform,
     )
     try:
-        train.validate_config(config)
-    except ValueError as e:
-        _exit_with_error("dhel-train", e, EXIT_USAGE)
-    try:
+        # Validates the whole config first, then the combinations that need the dataset's
+        # size (e.g. the warm-up): a ValueError is a config error either way.
         train.train_and_evaluate(config, _WORKDIR.value)
-    except ValueError as e:  # config combinations that need the dataset, e.g. the warm-up
+    except ValueError as e:
         _exit_with_error("dhel-train", e, EXIT_USAGE)
     except (
         checkpointing.CheckpointError,
@@ -237,8 +244,7 @@ def _train(argv: list[str]) -> None:
 
 def _fail(message: str) -> None:
     prog = os.path.basename(sys.argv[0]) if sys.argv else "dhel"
-    message = " ".join(message.split())
-    sys.stderr.write(f"{prog}: error: {message} (--helpshort lists the flags)\n")
+    _write_error(prog, f"{message} (--helpshort lists the flags)")
     sys.exit(EXIT_USAGE)
 
 
