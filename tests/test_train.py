@@ -457,19 +457,25 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
         time.sleep(0.05)
 
 
+# dhel-train flags for a tiny model on the Fashion-MNIST config (mocked data in the worker).
+TINY_CLI_ARGS = (
+    f"--config={ROOT / 'configs' / 'fashion_mnist.py'}",
+    "--config.model.name=resnet_tiny",
+    "--config.model.num_filters=4",
+    "--config.model.head_hidden_dim=16",
+    "--config.model.head_out_dim=8",
+    "--config.augment.out_size=16",
+    "--config.batch_size=16",
+)
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path, compilation_cache):
     """dhel-train with command-line overrides; SIGTERM while it trains: it checkpoints the
     current step, exits with status 0, and the checkpoint is restorable."""
     workdir = tmp_path / "term"
     args = [
-        f"--config={ROOT / 'configs' / 'fashion_mnist.py'}",
         f"--workdir={workdir}",
-        "--config.model.name=resnet_tiny",
-        "--config.model.num_filters=4",
-        "--config.model.head_hidden_dim=16",
-        "--config.model.head_out_dim=8",
-        "--config.augment.out_size=16",
-        "--config.batch_size=16",
+        *TINY_CLI_ARGS,
         "--config.num_epochs=1000",
         "--config.optimizer.warmup_epochs=0",
         "--config.log_every_steps=1",
@@ -614,14 +620,8 @@ def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_
         sys.executable,
         str(WORKER),
         "cli",
-        f"--config={ROOT / 'configs' / 'fashion_mnist.py'}",
         f"--workdir={workdir}",
-        "--config.model.name=resnet_tiny",
-        "--config.model.num_filters=4",
-        "--config.model.head_hidden_dim=16",
-        "--config.model.head_out_dim=8",
-        "--config.augment.out_size=16",
-        "--config.batch_size=16",
+        *TINY_CLI_ARGS,
         "--config.num_train_steps=2",
         "--config.optimizer.warmup_epochs=0",
     ]
