@@ -93,16 +93,16 @@ def _worker(workdir: str) -> None:
     import jax
     import numpy as np
 
-    from dhel_jax import checkpointing, data, evaluate, parallel, probes, train
+    from dhel_jax import builders, checkpointing, data, evaluate, parallel, probes
 
     config, variables, _ = checkpointing.restore_for_eval(workdir)
     info = data.get_dataset_info(config.dataset)
     splits = [data.load_split(config.dataset, s) for s in (info.train_split, info.test_split)]
-    model = train.build_model(config)
+    model = builders.build_model(config)
     kwargs = dict(
         batch_size=evaluate.EvalSettings().batch_size,
         mesh=parallel.data_mesh(jax.local_devices()),
-        transform_kwargs=train.eval_transform_kwargs(config),
+        transform_kwargs=builders.eval_transform_kwargs(config),
     )
     num_images = sum(len(y) for _, y in splits)
     out: dict = {"devices": jax.local_device_count(), "images": num_images}

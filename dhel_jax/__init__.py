@@ -43,6 +43,7 @@ __version__ = "0.1.0"
 
 _LAZY_SUBMODULES = (
     "augment",
+    "builders",
     "checkpointing",
     "cpu",
     "data",

@@ -93,7 +93,7 @@ import optax
 from etils import epath
 from jax.sharding import Mesh
 
-from dhel_jax import augment, baselines, checkpointing, data, metrics, parallel, probes, train
+from dhel_jax import augment, baselines, builders, checkpointing, data, metrics, parallel, probes
 
 Array = jax.Array
 
@@ -231,12 +231,12 @@ def extract_features(
     ``mesh`` (default: every local device).
 
     Args:
-      model: a ``models.ContrastiveModel`` (``train.build_model(config)``).
+      model: a ``models.ContrastiveModel`` (``builders.build_model(config)``).
       variables: ``{"params": ..., "batch_stats": ...}``.
       images: uint8 (N, H, W, C).
       batch_size: images per step, rounded up to a multiple of the device count.
       transform_kwargs: keyword arguments of ``augment.eval_transform``
-        (``train.eval_transform_kwargs(config)``).
+        (``builders.eval_transform_kwargs(config)``).
 
     Returns:
       ``{"features": (N, F), "projections": (N, P)}`` float32 NumPy arrays.
@@ -339,7 +339,7 @@ def geometry(
 def crop_flip_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """``augment.augment`` keywords of the paper probe's train views: the run's random resized
     crop and horizontal flip, no colour jitter, grayscale, blur or solarisation."""
-    kwargs = train.augment_kwargs(config)
+    kwargs = builders.augment_kwargs(config)
     kwargs.update(
         jitter_strength=0.0, jitter_prob=0.0, grayscale_prob=0.0, blur_prob=0.0, solarize_prob=0.0
     )
@@ -740,7 +740,7 @@ def plot_training_curves(
     for ax in axes[len(keys) :]:
         ax.set_visible(False)
     marked = "" if step is None else f"; dashed: evaluated step {step}"
-    fig.suptitle(f"Training curves ({train.METRICS_FILENAME}{marked})")
+    fig.suptitle(f"Training curves ({builders.METRICS_FILENAME}{marked})")
     fig.tight_layout()
     _save_figure(fig, path)
 
@@ -907,8 +907,8 @@ def _baselines(
     """``eval.json["baselines"]``: the random-init encoder (the run's protocol) and the raw
     pixels (the ``fast`` probe), each ``{"linear_probe": ..., "knn": ...}``."""
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
-    transform = train.eval_transform_kwargs(config)
-    size = train.view_size(config)
+    transform = builders.eval_transform_kwargs(config)
+    size = builders.view_size(config)
     variables, bn_examples = baselines.random_init_variables(
         model,
         config.seed,
@@ -999,12 +999,12 @@ def _write_plots(
     written: dict[str, str | None] = {
         k: f"{PLOTS_SUBDIR}/{PLOT_FILENAMES[k]}" for k in ("spectrum", "cosine_histogram")
     }
-    records = read_metrics_log(workdir / train.METRICS_FILENAME)
+    records = read_metrics_log(workdir / builders.METRICS_FILENAME)
     if records:
         plot_training_curves(records, paths["training_curves"], step=step)
         written["training_curves"] = f"{PLOTS_SUBDIR}/{PLOT_FILENAMES['training_curves']}"
     else:
-        logging.warning("no %s in %s: no training curves", train.METRICS_FILENAME, workdir)
+        logging.warning("no %s in %s: no training curves", builders.METRICS_FILENAME, workdir)
         written["training_curves"] = None
     return written
 
@@ -1073,10 +1073,10 @@ def evaluate(
                     "probes need labels."
                 )
     (_, train_y), (test_x, test_y) = splits["train"], splits["test"]
-    model = train.build_model(config)
+    model = builders.build_model(config)
     num_pairs = min(settings.geometry_examples, len(test_y))
     with timer("extract_features"):
-        transform = train.eval_transform_kwargs(config)
+        transform = builders.eval_transform_kwargs(config)
         features = {
             key: extract_features(
                 model,
@@ -1092,7 +1092,7 @@ def evaluate(
             model,
             variables,
             test_x[:num_pairs],
-            augment_kwargs=train.augment_kwargs(config),
+            augment_kwargs=builders.augment_kwargs(config),
             seed=settings.seed,
             batch_size=settings.batch_size,
             mesh=mesh,
@@ -1162,7 +1162,7 @@ def evaluate(
             "num_classes": info.num_classes,
             "num_train": len(train_y),
             "num_test": len(test_y),
-            "image_size": train.view_size(config),
+            "image_size": builders.view_size(config),
         },
         "dims": {name: int(test[name].shape[1]) for name in OUTPUTS},
         "linear_probe": {"protocol": settings.protocol, **probe},

@@ -51,11 +51,16 @@ from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_dict
 
 from dhel_jax import augment, checkpointing, data, losses, models, optimizers, parallel
+from dhel_jax.builders import (
+    METRICS_FILENAME,
+    augment_kwargs,
+    build_model,
+    view_size,
+)
 
 Array = jax.Array
 Hook = Callable[[int, Mapping[str, float]], None]
 
-METRICS_FILENAME = "metrics.jsonl"
 
 # Loss keywords that are not hyper-parameters: they are set by the caller, not the config.
 _LOSS_CALL_ARGS = frozenset({"axis_name", "return_aux"})
@@ -186,51 +191,6 @@ def loss_from_config(loss_config: ml_collections.ConfigDict) -> Callable[..., An
         return losses.get_loss(name, **hparams)
     except ValueError as e:
         raise ValueError(f"config.loss: {e}") from e
-
-
-def build_model(config: ml_collections.ConfigDict) -> models.ContrastiveModel:
-    """The encoder + projection head of ``config.model``."""
-    m = config.model
-    extra = {} if m.num_filters is None else {"num_filters": m.num_filters}
-    return models.get_model(
-        m.name,
-        stem=m.stem,
-        head_hidden_dim=m.head_hidden_dim,
-        head_out_dim=m.head_out_dim,
-        head_num_layers=m.head_num_layers,
-        dtype=m.dtype,
-        **extra,
-    )
-
-
-def view_size(config: ml_collections.ConfigDict) -> int:
-    """Side of the images the encoder sees (training views and evaluation images)."""
-    size = config.augment.out_size
-    return data.get_dataset_info(config.dataset).view_size if size is None else size
-
-
-def augment_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Keyword arguments of ``augment.two_views`` for ``config``."""
-    info = data.get_dataset_info(config.dataset)
-    kwargs = {k: v for k, v in config.augment.items() if k != "normalize"}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    kwargs["out_size"] = view_size(config)
-    if config.augment.normalize:
-        kwargs["mean"], kwargs["std"] = info.mean, info.std
-    return kwargs
-
-
-def eval_transform_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Keyword arguments of ``augment.eval_transform`` matching the training views of
-    ``config``: the dataset's centre crop resized to the view size, the same normalisation."""
-    info = data.get_dataset_info(config.dataset)
-    kwargs: dict[str, Any] = {
-        "out_size": view_size(config),
-        "crop_fraction": info.eval_crop_fraction,
-    }
-    if config.augment.normalize:
-        kwargs["mean"], kwargs["std"] = info.mean, info.std
-    return kwargs
 
 
 def _require(ok: bool, message: str) -> None:

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from dhel_jax import augment, baselines, data, main, models, optimizers, parallel, probes, train
+from dhel_jax.builders import eval_transform_kwargs
 from tests import np_reference
 from tests.train_worker import MOCK_EXAMPLES, tiny_config
 
@@ -25,7 +26,7 @@ from tests.train_worker import MOCK_EXAMPLES, tiny_config
 def setup():
     config = tiny_config()
     model = train.build_model(config)
-    transform = train.eval_transform_kwargs(config)
+    transform = eval_transform_kwargs(config)
     images = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 1), dtype=np.uint8)
     return config, model, transform, images
 

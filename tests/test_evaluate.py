@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 
 from dhel_jax import augment, checkpointing, data, evaluate, main, metrics, parallel, train
+from dhel_jax.builders import eval_transform_kwargs
 from tests.helpers import hash_tree, truncate_state_arrays
 from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, tiny_config
 
@@ -155,7 +156,7 @@ def test_geometry_in_eval_json_equals_metrics_on_the_same_features(evaluated, mo
     config, variables, _ = checkpointing.restore_for_eval(workdir)
     model = train.build_model(config)
     images, _ = data.load_split("fashion_mnist", "test")
-    x = augment.eval_transform(images, **train.eval_transform_kwargs(config))
+    x = augment.eval_transform(images, **eval_transform_kwargs(config))
     out = model.apply(variables, x, train=False)
     kwargs = train.augment_kwargs(config)
     views = [[], []]
@@ -255,7 +256,7 @@ def test_extract_features_pads_and_shards_like_one_plain_batch(run, eight_device
     config, variables, _ = checkpointing.restore_for_eval(run)
     model = train.build_model(config)
     images = np.random.default_rng(0).integers(0, 256, (37, 28, 28, 1), dtype=np.uint8)
-    kwargs = train.eval_transform_kwargs(config)
+    kwargs = eval_transform_kwargs(config)
     got = evaluate.extract_features(
         model,
         variables,
