@@ -94,6 +94,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from dhel_jax import augment, baselines, builders, checkpointing, data, metrics, parallel, probes
+from dhel_jax._io import write_atomic
 
 Array = jax.Array
 
@@ -641,7 +642,7 @@ def pair_cosine_histogram(x: np.ndarray, edges: np.ndarray, *, block: int = 512)
 def _save_figure(fig: Any, path: epath.Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 _SPECTRUM_FLOOR = 1e-8
@@ -747,19 +748,6 @@ def plot_training_curves(
 
 # ----------------------------------------------------------------------------------------------
 # Orchestration.
-
-
-def _write_atomic(path: epath.Path, payload: bytes) -> None:
-    """Writes ``payload`` to a temporary file beside ``path`` and renames it over ``path``."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        tmp.write_bytes(payload)
-        tmp.rename(path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _jsonable(value: Any) -> Any:
@@ -1184,7 +1172,7 @@ def evaluate(
         results["baselines"] = baseline_results
     results = _jsonable(results)
     payload = json.dumps(results, indent=2, allow_nan=False) + "\n"
-    _write_atomic(out / EVAL_FILENAME, payload.encode())
+    write_atomic(out / EVAL_FILENAME, payload.encode())
     return results
 
 

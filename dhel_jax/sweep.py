@@ -83,6 +83,9 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from dhel_jax._io import write_atomic
+from dhel_jax._signals import SignalHandler
+
 EVAL_FILENAME = "eval.json"  # dhel_jax.evaluate.EVAL_FILENAME (not imported: it imports JAX).
 CONFIG_FILENAME = "config.json"  # dhel_jax.checkpointing.CONFIG_FILENAME.
 LOG_FILENAME = "log.txt"
@@ -635,16 +638,15 @@ def hardware() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "system": sys.platform}
 
 
-class _Stop:
+class _Stop(SignalHandler):
     """SIGTERM / SIGINT: forward SIGTERM to the running subprocess, stop after it."""
 
     def __init__(self) -> None:
+        super().__init__((signal.SIGTERM, signal.SIGINT))
         self.requested = False
         self.child: subprocess.Popen | None = None
-        self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
+    def handle(self, signum: int) -> None:
         first = not self.requested
         self.requested = True
         if self.child is not None and self.child.poll() is None:
@@ -657,24 +659,12 @@ class _Stop:
             flush=True,
         )
 
-    def __enter__(self) -> _Stop:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
 
 def _append_record(workdir: Path, run: Run, attempt: Mapping[str, Any]) -> None:
     path = workdir / RECORD_FILENAME
     record = _read_json(path) or {"cell": run.cell.name, "seed": run.seed, "attempts": []}
     record["attempts"].append(dict(attempt))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.rename(path)
+    write_atomic(path, (json.dumps(record, indent=2) + "\n").encode())
 
 
 def _last_error(log: Path, offset: int) -> str | None:
@@ -1203,14 +1193,7 @@ def _comparison_lines(results: Mapping[str, Any]) -> list[str]:
 def _save_png(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _write_atomic(path, buffer.getvalue())
-
-
-def _write_atomic(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(payload)
-    tmp.rename(path)
+    write_atomic(path, buffer.getvalue())
 
 
 def _legend(ax: Any, **kwargs: Any) -> None:
@@ -1325,8 +1308,8 @@ def write_results(results: Mapping[str, Any], results_dir: str | os.PathLike) ->
     out = Path(results_dir)
     name = results["sweep"]
     paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
-    _write_atomic(paths["json"], (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
-    _write_atomic(paths["markdown"], markdown(results).encode())
+    write_atomic(paths["json"], (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(paths["markdown"], markdown(results).encode())
     return {**{k: os.fspath(v) for k, v in paths.items()}, **plot_results(results, out)}
 
 

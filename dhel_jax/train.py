@@ -35,7 +35,6 @@ import logging
 import math
 import numbers
 import signal
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -51,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_dict
 
 from dhel_jax import augment, checkpointing, data, losses, models, optimizers, parallel
+from dhel_jax._signals import SignalHandler
 from dhel_jax.builders import (
     METRICS_FILENAME,
     augment_kwargs,
@@ -714,7 +714,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss, the gradients or the updated parameters of a step are not finite."""
 
 
-class _StopSignal:
+class _StopSignal(SignalHandler):
     """Turns SIGTERM / SIGINT into a request to checkpoint and stop after the current step.
 
     A second signal restores the default behaviour (a second Ctrl-C interrupts at once).
@@ -723,29 +723,15 @@ class _StopSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self, signals: Sequence[int] = SIGNALS) -> None:
-        self.signals = tuple(signals)
+        super().__init__(signals)
         self.received: int | None = None
-        self._previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        del frame
+    def handle(self, signum: int) -> None:
         self.received = signum
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.restore()
         logging.warning(
             "received %s: saving a checkpoint after this step", signal.strsignal(signum)
         )
-
-    def __enter__(self) -> _StopSignal:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.received is None:
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
 
 
 class _MetricsLog:
