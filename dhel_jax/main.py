@@ -43,34 +43,49 @@ from dhel_jax.cpu import accelerator_installed, use_cpu_xla_flags
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "Training config: a configs/*.py file, optionally with ':<loss name>'. Override fields "
-    "with --config.<field>=<value>.",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir",
-    None,
-    "Run directory (checkpoints/, metrics.jsonl, config.json, TensorBoard events). A workdir "
-    "with checkpoints resumes from the latest.",
-)
-_DISTRIBUTED = flags.DEFINE_enum(
-    "distributed",
-    "auto",
-    ["auto", "true", "false"],
-    "Call jax.distributed.initialize(): auto-detected (Cloud TPU VM, SLURM, Open MPI, "
-    "JAX_COORDINATOR_ADDRESS), or forced on/off.",
-)
-_CPU_DEVICES = flags.DEFINE_string(
-    "cpu_devices",
-    "1",
-    "CPU-only runs: number of XLA host devices to shard the batch over ('1': one device whose "
-    "ops use every core, the faster choice on 2 cores (benchmarks/README_train.md); 'auto': the "
-    "largest divisor of the batch size <= the number of cores). Ignored when XLA_FLAGS sets "
-    f"{_DEVICE_COUNT_FLAG} or an accelerator is present.",
-)
+# Each tool defines only its own flags (in absl's global FLAGS, when its entry point starts), so
+# that its --help lists those and no other tool's; tests define both in one process.
+
+
+def _define_shared_flags() -> None:
+    """The flags of both dhel-train and dhel-eval."""
+    if "workdir" in flags.FLAGS:
+        return
+    flags.DEFINE_string(
+        "workdir",
+        None,
+        "Run directory (checkpoints/, metrics.jsonl, config.json, TensorBoard events). A "
+        "workdir with checkpoints resumes from the latest.",
+    )
+    flags.DEFINE_string(
+        "cpu_devices",
+        "1",
+        "CPU-only runs: number of XLA host devices to shard the batch over ('1': one device "
+        "whose ops use every core, the faster choice on 2 cores (benchmarks/README_train.md); "
+        "'auto': the largest divisor of the batch size <= the number of cores). Ignored when "
+        f"XLA_FLAGS sets {_DEVICE_COUNT_FLAG} or an accelerator is present.",
+    )
+
+
+def define_train_flags() -> None:
+    """Defines dhel-train's flags (once; :func:`train_main` does it before parsing)."""
+    _define_shared_flags()
+    if "config" in flags.FLAGS:
+        return
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Training config: a configs/*.py file, optionally with ':<loss name>'. Override "
+        "fields with --config.<field>=<value>.",
+        lock_config=True,
+    )
+    flags.DEFINE_enum(
+        "distributed",
+        "auto",
+        ["auto", "true", "false"],
+        "Call jax.distributed.initialize(): auto-detected (Cloud TPU VM, SLURM, Open MPI, "
+        "JAX_COORDINATOR_ADDRESS), or forced on/off.",
+    )
 
 
 def _tpu_chips_present() -> bool:
@@ -117,7 +132,9 @@ def _configure_cpu_backend(batch_size: int, default_devices: str = "1") -> None:
     use_cpu_xla_flags()
     xla_flags = os.environ.get("XLA_FLAGS", "")
     if _DEVICE_COUNT_FLAG not in xla_flags:
-        requested = _CPU_DEVICES.value if flags.FLAGS["cpu_devices"].present else default_devices
+        requested = (
+            flags.FLAGS.cpu_devices if flags.FLAGS["cpu_devices"].present else default_devices
+        )
         count = cpu_device_count(batch_size, requested)
         if count > 1:
             os.environ["XLA_FLAGS"] = f"{xla_flags} {_DEVICE_COUNT_FLAG}={count}".strip()
@@ -179,10 +196,15 @@ def _without_closed_loop_noise(hook: Any) -> Any:
     return hook_without_noise
 
 
-def _run(prog: str, main: Any) -> None:
-    """absl's ``app.run`` of ``main``, usage errors reported as one line (status 2). A reported
-    failure ends the process at once (``os._exit``), so that no library thread (Orbax's asyncio
-    loops) prints its own traceback during the interpreter's shutdown after the message."""
+def _run(prog: str, main: Any, define_flags: Any) -> None:
+    """absl's ``app.run`` of ``main`` with the flags ``define_flags`` defines, usage errors
+    reported as one line (status 2). A reported failure ends the process at once
+    (``os._exit``), so that no library thread (Orbax's asyncio loops) prints its own traceback
+    during the interpreter's shutdown after the message."""
+    define_flags()
+    # --help and --helpshort list the flags of absl's main module, sys.argv[0]: these.
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
     def checked(argv: list[str]) -> None:
         try:
@@ -201,15 +223,15 @@ def _run(prog: str, main: Any) -> None:
 def _train(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = _CONFIG.value
-    if config is None or not _WORKDIR.value:
+    config = flags.FLAGS.config
+    if config is None or not flags.FLAGS.workdir:
         raise app.UsageError(
             "usage: dhel-train --config configs/fashion_mnist.py --workdir runs/NAME "
             "[--config.<field>=<value> ...]"
         )
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    distributed = _DISTRIBUTED.value == "true" or (
-        _DISTRIBUTED.value == "auto" and _multiprocess_environment()
+    distributed = flags.FLAGS.distributed == "true" or (
+        flags.FLAGS.distributed == "auto" and _multiprocess_environment()
     )
     if not distributed:
         _configure_cpu_backend(config.batch_size)
@@ -230,7 +252,7 @@ def _train(argv: list[str]) -> None:
     try:
         # Validates the whole config first, then the combinations that need the dataset's
         # size (e.g. the warm-up): a ValueError is a config error either way.
-        train.train_and_evaluate(config, _WORKDIR.value)
+        train.train_and_evaluate(config, flags.FLAGS.workdir)
     except ValueError as e:
         _exit_with_error("dhel-train", e, EXIT_USAGE)
     except (
@@ -255,6 +277,12 @@ def parse_flags(argv: list[str]) -> list[str]:
     """
     try:
         return flags.FLAGS(argv)
+    except flags.UnrecognizedFlagError as e:
+        if e.flagname.split(".")[0] == "config" and "config" not in flags.FLAGS:
+            _fail(
+                "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
+            )
+        _fail(str(e))
     except flags.Error as e:
         _fail(str(e))
     except (AttributeError, KeyError) as e:
@@ -274,38 +302,46 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def train_main() -> None:
     """The ``dhel-train`` console script."""
-    _run("dhel-train", _train)
+    _run("dhel-train", _train, define_train_flags)
 
 
 # ----------------------------------------------------------------------------------------------
 # dhel-eval (flags shared with dhel-train: --workdir, --cpu_devices).
 
-_STEP = flags.DEFINE_integer(
-    "step", None, "dhel-eval: checkpoint step to evaluate (default: the latest)."
-)
-_PROTOCOL = flags.DEFINE_enum(
-    "protocol",
-    None,
-    ["fast", "paper"],
-    "dhel-eval: linear-probe protocol (default: the run's config.eval.protocol). 'fast': L-BFGS "
-    "logistic regression on precomputed features; 'paper': SGD on frozen features of cropped "
-    "and flipped images (slow on CPUs).",
-)
-_OUT_DIR = flags.DEFINE_string(
-    "out_dir", None, "dhel-eval: where eval.json and plots/ go (default: --workdir)."
-)
-_DATA_DIR = flags.DEFINE_string(
-    "data_dir", None, "dhel-eval: TFDS data directory (default: the run's config.data_dir)."
-)
-_PAPER_EPOCHS = flags.DEFINE_integer(
-    "paper_epochs", None, "dhel-eval: epochs of the 'paper' probe (default: 100)."
-)
-_BASELINES = flags.DEFINE_boolean(
-    "baselines",
-    False,
-    "dhel-eval: also score the same encoder at random initialisation (BatchNorm statistics "
-    "re-estimated on train images) and the raw pixels, with the same probes.",
-)
+
+def define_eval_flags() -> None:
+    """Defines dhel-eval's flags (once; :func:`eval_main` does it before parsing)."""
+    _define_shared_flags()
+    if "step" in flags.FLAGS:
+        return
+    flags.DEFINE_integer(
+        "step", None, "dhel-eval: checkpoint step to evaluate (default: the latest)."
+    )
+    flags.DEFINE_enum(
+        "protocol",
+        None,
+        ["fast", "paper"],
+        "dhel-eval: linear-probe protocol (default: the run's config.eval.protocol). 'fast': "
+        "L-BFGS logistic regression on precomputed features; 'paper': SGD on frozen features of "
+        "cropped and flipped images (slow on CPUs).",
+    )
+    flags.DEFINE_string(
+        "out_dir", None, "dhel-eval: where eval.json and plots/ go (default: --workdir)."
+    )
+    flags.DEFINE_string(
+        "data_dir", None, "dhel-eval: TFDS data directory (default: the run's config.data_dir)."
+    )
+    flags.DEFINE_integer(
+        "paper_epochs", None, "dhel-eval: epochs of the 'paper' probe (default: 100)."
+    )
+    flags.DEFINE_boolean(
+        "baselines",
+        False,
+        "dhel-eval: also score the same encoder at random initialisation (BatchNorm statistics "
+        "re-estimated on train images) and the raw pixels, with the same probes.",
+    )
+
+
 # dhel_jax.evaluate.EvalSettings.batch_size: the CPU split must divide it.
 _EVAL_BATCH_SIZE = 256
 
@@ -313,14 +349,10 @@ _EVAL_BATCH_SIZE = 256
 def _eval(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not _WORKDIR.value:
+    if not flags.FLAGS.workdir:
         raise app.UsageError(
             "usage: dhel-eval --workdir runs/NAME [--step N] [--protocol fast|paper] "
             "[--baselines] [--out_dir DIR] [--data_dir DIR]"
-        )
-    if _CONFIG.value is not None:
-        raise app.UsageError(
-            "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
         )
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
     # Inference has no collectives: one device per core extracts features ~1.5x faster on 2
@@ -329,16 +361,16 @@ def _eval(argv: list[str]) -> None:
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     from dhel_jax import checkpointing, data, evaluate
 
-    paper = {} if _PAPER_EPOCHS.value is None else {"epochs": _PAPER_EPOCHS.value}
+    paper = {} if flags.FLAGS.paper_epochs is None else {"epochs": flags.FLAGS.paper_epochs}
     try:
         results = evaluate.evaluate(
-            _WORKDIR.value,
-            step=_STEP.value,
-            protocol=_PROTOCOL.value,
-            out_dir=_OUT_DIR.value,
-            data_dir=_DATA_DIR.value,
+            flags.FLAGS.workdir,
+            step=flags.FLAGS.step,
+            protocol=flags.FLAGS.protocol,
+            out_dir=flags.FLAGS.out_dir,
+            data_dir=flags.FLAGS.data_dir,
             progress=True,
-            with_baselines=_BASELINES.value,
+            with_baselines=flags.FLAGS.baselines,
             paper_probe=paper,
         )
     except ValueError as e:
@@ -360,4 +392,4 @@ def eval_main() -> None:
     checkpoint, exits with status 1 and a one-line message naming the path and the available
     steps; a bad setting with status 2.
     """
-    _run("dhel-eval", _eval)
+    _run("dhel-eval", _eval, define_eval_flags)

@@ -41,6 +41,7 @@ def parse_train_command(*args: str):
 
     argv = ["dhel-train", *args]
     old_argv, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv.
+    main.define_train_flags()
     try:
         main.parse_flags(argv)
         return flags.FLAGS.config

@@ -146,6 +146,7 @@ def test_dhel_eval_baselines_end_to_end(tmp_path, capsys):
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
         train.train_and_evaluate(config, str(workdir))
         argv = ["dhel-eval", f"--workdir={workdir}", "--baselines"]
+        main.define_eval_flags()
         main.parse_flags(argv)
         try:
             main._eval(argv[:1])

@@ -185,6 +185,7 @@ def test_cli_prints_a_summary_and_writes_the_outputs(run, tmp_path, mocked, caps
     workdir = _copy(run, tmp_path)
     before = hash_tree(workdir / "checkpoints")
     argv = ["dhel-eval", f"--workdir={workdir}", "--step=2"]
+    main.define_eval_flags()
     main.parse_flags(argv)
     try:
         main._eval(argv[:1])
@@ -228,6 +229,7 @@ def test_missing_step_or_workdir_names_the_available_steps(run, tmp_path, capsys
     assert not missing.exists()
     # The CLI prints one line and exits with status 1, no traceback.
     argv = ["dhel-eval", f"--workdir={run}", "--step=3"]
+    main.define_eval_flags()
     main.parse_flags(argv)
     try:
         with pytest.raises(SystemExit) as exit_info:
