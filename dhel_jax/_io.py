@@ -9,15 +9,15 @@ from etils import epath
 
 
 def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
-    """Writes ``payload`` to a temporary file beside ``path`` and renames it over ``path``, so
-    a reader sees the old file or the new one, never a partial one; the parent directories are
-    created, and a failed write leaves no temporary file behind."""
-    path = epath.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    """Writes ``payload`` to a temporary file beside ``path`` and renames it over ``path`` (new
+    or existing), so a reader sees the old file or the new one, never a partial one; the parent
+    directories are created, and a failed write leaves no temporary file behind."""
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     try:
         tmp.write_bytes(payload)
-        tmp.rename(path)
+        tmp.replace(target)  # Over an existing file too (epath's rename refuses to).
     finally:
         if tmp.exists():
             tmp.unlink()
