@@ -76,7 +76,7 @@ def _write_sweep(directory: Path, text: str = TINY_SWEEP, name: str = "tiny") ->
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict:
-    return sweep._flatten(json.loads(json.dumps(config.to_dict())))
+    return sweep.grid._flatten(json.loads(json.dumps(config.to_dict())))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,518 @@
+"""A sweep's results: the aggregation of every run's ``eval.json`` over seeds, the
+differences and robustness tables, ``NAME.json``, ``NAME.md`` and the plots (see
+:mod:`dhel_jax.sweep`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from dhel_jax._io import write_atomic
+from dhel_jax.sweep.grid import (
+    TEMPERATURES,
+    _as_dict,
+    _flatten,
+    _num,
+    default_temperature,
+    loss_labels,
+    make_runs,
+)
+from dhel_jax.sweep.runner import (
+    EVAL_FILENAME,
+    RECORD_FILENAME,
+    StepCounter,
+    _duration,
+    _normalised,
+    _read_json,
+    run_state,
+)
+
+# Aggregated metrics: key -> (path in eval.json, label, scale for display, decimals).
+METRICS: dict[str, tuple[tuple[str, ...], str, float, int]] = {
+    "linear_probe": (("linear_probe", "accuracy"), "Linear-probe accuracy (%)", 100.0, 2),
+    "knn": (("knn", "accuracy"), "kNN accuracy (%)", 100.0, 2),
+    "effective_rank_features": (
+        ("geometry", "features", "effective_rank"),
+        "Effective rank of the features",
+        1.0,
+        1,
+    ),
+    "effective_rank_projections": (
+        ("geometry", "projections", "effective_rank"),
+        "Effective rank of the projections",
+        1.0,
+        1,
+    ),
+    "alignment_projections": (
+        ("geometry", "projections", "alignment"),
+        "Alignment of the projections",
+        1.0,
+        4,
+    ),
+    "wasserstein_uniformity_projections": (
+        ("geometry", "projections", "wasserstein_uniformity"),
+        "W1 uniformity of the projections",
+        1.0,
+        4,
+    ),
+}
+# The metrics that get a table in NAME.md (all are in NAME.json).
+TABLE_METRICS = ("linear_probe", "knn", "effective_rank_features", "effective_rank_projections")
+
+
+def _get(tree: Any, path: Sequence[str]) -> float | None:
+    for key in path:
+        if not isinstance(tree, Mapping) or key not in tree:
+            return None
+        tree = tree[key]
+    return None if tree is None else float(tree)
+
+
+def _summary(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof = 1; None for fewer than 2 values)."""
+    x = np.asarray([v for v in values if v is not None], np.float64)
+    return {
+        "mean": float(x.mean()) if x.size else None,
+        "std": float(x.std(ddof=1)) if x.size > 1 else None,
+        "n": int(x.size),
+    }
+
+
+def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> dict[str, Any]:
+    """Reads every run's ``eval.json`` and record; returns the contents of ``NAME.json``.
+
+    A run counts when its ``eval.json`` is of the final training step; others are listed in
+    ``missing`` with their status. Per cell and metric: ``mean``, ``std`` (sample, over the
+    seeds that finished) and ``n``.
+    """
+    runs = make_runs(sweep, runs_dir)
+    counter = StepCounter()
+    cells: dict[str, dict[str, Any]] = {}
+    missing = []
+    wall = {"train_seconds": 0.0, "eval_seconds": 0.0}
+    hosts: list[dict[str, Any]] = []
+    devices: list[dict[str, Any]] = []
+    for run in runs:
+        cell = run.cell
+        entry = cells.setdefault(
+            cell.name,
+            {
+                "name": cell.name,
+                "loss": cell.loss,
+                "batch_size": cell.batch_size,
+                "temperature_name": cell.temperature_name,
+                "temperature": cell.temperature,
+                "views": list(cell.views),
+                "overrides": dict(cell.overrides),
+                "runs": [],
+            },
+        )
+        state = run_state(run, sweep, counter)
+        record = _read_json(run.workdir / RECORD_FILENAME) or {"attempts": []}
+        seconds = {"train_seconds": 0.0, "eval_seconds": 0.0}
+        for attempt in record["attempts"]:
+            key = "train_seconds" if attempt["tool"] == "dhel-train" else "eval_seconds"
+            seconds[key] += attempt["seconds"]
+            if attempt.get("hardware") and attempt["hardware"] not in hosts:
+                hosts.append(attempt["hardware"])
+        for key in wall:
+            wall[key] += seconds[key]
+        item: dict[str, Any] = {
+            "seed": run.seed,
+            "workdir": os.fspath(run.workdir),
+            "status": state.status,
+            "step": state.step,
+            **{k: round(v, 1) for k, v in seconds.items()},
+        }
+        if state.status == "done":
+            evaluated = _read_json(run.workdir / EVAL_FILENAME)
+            item.update({k: _get(evaluated, spec[0]) for k, spec in METRICS.items()})
+            device = evaluated.get("devices")
+            if device and device not in devices:
+                devices.append(device)
+        else:
+            missing.append({"run": run.label, "status": state.status, "step": state.step})
+        entry["runs"].append(item)
+    for entry in cells.values():
+        done = [r for r in entry["runs"] if r["status"] == "done"]
+        entry["summary"] = {k: _summary([r[k] for r in done]) for k in METRICS}
+    views: dict[str, dict[str, list[str]]] = {"batch_size": {}, "temperature": {}}
+    for entry in cells.values():
+        for view in entry["views"]:
+            views[view].setdefault(entry["loss"], []).append(entry["name"])
+    views["temperature"] = {
+        label: sorted(names, key=lambda n: cells[n]["temperature"])
+        for label, names in views["temperature"].items()
+    }
+    results = {
+        "sweep": sweep.name,
+        "description": sweep.get("description"),
+        "config": os.path.relpath(sweep.config),
+        "overrides": _normalised(_flatten(_as_dict(sweep.overrides))),
+        "losses": {
+            label: {
+                "loss": _normalised(_as_dict(sweep.losses[label].loss)),
+                "temperature": sweep.losses[label].temperature,
+                "default": default_temperature(sweep, label),
+                "temperatures": list(sweep.losses[label].temperatures),
+            }
+            for label in loss_labels(sweep)
+        },
+        "batch_sizes": list(sweep.batch_sizes),
+        "temperature_batch_size": sweep.temperature_batch_size,
+        "seeds": list(sweep.seeds),
+        "metrics": {k: {"eval_json": ".".join(v[0]), "label": v[1]} for k, v in METRICS.items()},
+        "statistics": "mean and sample standard deviation (ddof = 1) over the seeds that finished",
+        "cells": list(cells.values()),
+        "views": views,
+        "comparisons": [list(p) for p in sweep.get("comparisons") or ()],
+        "complete": not missing,
+        "num_runs": len(runs),
+        "missing": missing,
+        "wall_time": {
+            **{k: round(v, 1) for k, v in wall.items()},
+            "total_seconds": round(sum(wall.values()), 1),
+        },
+        "hardware": hosts,
+        "devices": devices,
+    }
+    results["differences"] = differences(results)
+    results["robustness"] = robustness(results)
+    return results
+
+
+def _difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``a - b`` of two cell summaries, with the standard error of that difference of means,
+    ``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` (None unless both cells have >= 2 seeds)."""
+    if not a["n"] or not b["n"]:
+        return None
+    se = None
+    if a["std"] is not None and b["std"] is not None:
+        se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return {"difference": a["mean"] - b["mean"], "standard_error": se}
+
+
+def differences(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """For each pair ``(a, b)`` of ``results["comparisons"]`` and each batch size of the batch
+    view: ``a - b`` of every metric's mean and its standard error (:func:`_difference`)."""
+    cells = {c["name"]: c for c in results["cells"]}
+    view = results["views"]["batch_size"]
+    out = []
+    for a, b in results["comparisons"]:
+        by_batch = {
+            label: {cells[n]["batch_size"]: cells[n] for n in view.get(label, [])}
+            for label in (a, b)
+        }
+        for batch in results["batch_sizes"]:
+            ca, cb = by_batch[a].get(batch), by_batch[b].get(batch)
+            if ca is None or cb is None:
+                continue
+            out.append(
+                {
+                    "losses": [a, b],
+                    "batch_size": batch,
+                    **{m: _difference(ca["summary"][m], cb["summary"][m]) for m in METRICS},
+                }
+            )
+    return out
+
+
+def robustness(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per loss, for the linear-probe accuracy: the range (max - min) of the cell means over the
+    batch sizes and over the temperatures, and the median seed standard deviation of its cells
+    (None where cells are missing)."""
+    cells = {c["name"]: c for c in results["cells"]}
+    out = {}
+    for loss in results["losses"]:
+        entry: dict[str, Any] = {}
+        for view in ("batch_size", "temperature"):
+            names = results["views"][view].get(loss, [])
+            means = [cells[n]["summary"]["linear_probe"]["mean"] for n in names]
+            ok = means and all(m is not None for m in means)
+            entry[f"{view}_range"] = max(means) - min(means) if ok else None
+        stds = [
+            c["summary"]["linear_probe"]["std"]
+            for c in results["cells"]
+            if c["loss"] == loss and c["summary"]["linear_probe"]["std"] is not None
+        ]
+        entry["median_seed_std"] = float(np.median(stds)) if stds else None
+        out[loss] = entry
+    return out
+
+
+def _cell_text(summary: Mapping[str, Any], scale: float, decimals: int, seeds: int) -> str:
+    n = summary["n"]
+    if not n:
+        return "missing"
+    text = f"{summary['mean'] * scale:.{decimals}f}"
+    if summary["std"] is not None:
+        text += f" ± {summary['std'] * scale:.{decimals}f}"
+    return text if n == seeds else f"{text} ({n}/{seeds} seeds)"
+
+
+def _temperature_label(name: str, value: float) -> str:
+    return f"{TEMPERATURES[name]} = {_num(value)}"
+
+
+def markdown(results: Mapping[str, Any]) -> str:
+    """``NAME.md``: the batch-size and temperature tables of :func:`aggregate`'s results."""
+    cells = {c["name"]: c for c in results["cells"]}
+    seeds = len(results["seeds"])
+    losses = results["losses"]
+    lines = [f"# Sweep `{results['sweep']}`", ""]
+    if results.get("description"):
+        lines += [results["description"], ""]
+    lines += [
+        f"Cells: mean ± sample standard deviation over {seeds} seed{'s' * (seeds > 1)} "
+        f"({', '.join(map(str, results['seeds']))}); evaluation `dhel-eval` of the final "
+        "checkpoint (linear probe and kNN on frozen encoder features, test split).",
+        "",
+    ]
+    if not results["complete"]:
+        lines += [
+            f"**Partial results**: {len(results['missing'])} of {results['num_runs']} runs are "
+            "not finished (listed at the end).",
+            "",
+        ]
+    batch_view = results["views"]["batch_size"]
+    if batch_view:
+        lines += ["## Batch size (each loss at its default temperature)", ""]
+        for metric in TABLE_METRICS:
+            _, label, scale, decimals = METRICS[metric]
+            lines += [f"### {label}", ""]
+            header = ["loss"] + [f"B = {b}" for b in results["batch_sizes"]]
+            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            for loss, names in batch_view.items():
+                by_batch = {cells[n]["batch_size"]: cells[n] for n in names}
+                info = losses[loss]
+                row = [f"{loss} ({_temperature_label(info['temperature'], info['default'])})"]
+                for b in results["batch_sizes"]:
+                    c = by_batch.get(b)
+                    row.append(
+                        _cell_text(c["summary"][metric], scale, decimals, seeds) if c else "-"
+                    )
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    temp_view = results["views"]["temperature"]
+    if temp_view:
+        width = max(len(v) for v in temp_view.values())
+        lines += [f"## Temperature (batch size {results['temperature_batch_size']})", ""]
+        # Column i holds every loss's i-th temperature (ascending): tau and t share columns.
+        columns: list[list[str]] = [[] for _ in range(width)]
+        for names in temp_view.values():
+            for i, n in enumerate(names):
+                text = _temperature_label(cells[n]["temperature_name"], cells[n]["temperature"])
+                if text not in columns[i]:
+                    columns[i].append(text)
+        header = ["loss"] + [" / ".join(c) for c in columns]
+        for metric in TABLE_METRICS:
+            _, label, scale, decimals = METRICS[metric]
+            lines += [f"### {label}", ""]
+            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * width + "|"]
+            for loss, names in temp_view.items():
+                row = [f"{loss} ({TEMPERATURES[losses[loss]['temperature']]})"]
+                row += [
+                    _cell_text(cells[n]["summary"][metric], scale, decimals, seeds) for n in names
+                ]
+                row += ["-"] * (width - len(names))
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    lines += _comparison_lines(results)
+    wall = results["wall_time"]
+    lines += [
+        "## Runs",
+        "",
+        f"{results['num_runs']} runs ({len(cells)} cells x {seeds} seeds). Wall time of the "
+        f"runs: {_duration(wall['total_seconds'])} (training {_duration(wall['train_seconds'])}, "
+        f"evaluation {_duration(wall['eval_seconds'])}).",
+    ]
+    for host in results["hardware"]:
+        lines.append(f"Host: {host['cpu']}, {host['cores']} cores ({host['system']}).")
+    for device in results["devices"]:
+        lines.append(f"Evaluation devices: {device['count']} x {device['platform']}.")
+    if results["missing"]:
+        lines += ["", "Not finished:", ""]
+        lines += [f"- `{m['run']}`: {m['status']} (step {m['step']})" for m in results["missing"]]
+    return "\n".join(lines) + "\n"
+
+
+def _comparison_lines(results: Mapping[str, Any]) -> list[str]:
+    lines = []
+    if results["differences"]:
+        lines += [
+            "## Differences (batch-size view)",
+            "",
+            "Difference of the means ± its standard error sqrt(s_a²/n_a + s_b²/n_b) from the seed "
+            "standard deviations (with 2 seeds the standard error is itself rough; a difference "
+            "smaller than about twice it is not resolved by this sweep).",
+            "",
+        ]
+        for metric in ("linear_probe", "effective_rank_features"):
+            _, label, scale, decimals = METRICS[metric]
+            header = ["losses"] + [f"B = {b}" for b in results["batch_sizes"]]
+            lines += [f"### {label}: difference", ""]
+            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            for a, b in results["comparisons"]:
+                row = [f"{a} − {b}"]
+                for batch in results["batch_sizes"]:
+                    d = next(
+                        (
+                            x[metric]
+                            for x in results["differences"]
+                            if x["losses"] == [a, b] and x["batch_size"] == batch
+                        ),
+                        None,
+                    )
+                    if d is None:
+                        row.append("missing")
+                        continue
+                    text = f"{d['difference'] * scale:+.{decimals}f}"
+                    if d["standard_error"] is not None:
+                        text += f" ± {d['standard_error'] * scale:.{decimals}f}"
+                    row.append(text)
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    lines += [
+        "## Robustness of the linear-probe accuracy (percentage points)",
+        "",
+        "| loss | range over batch sizes | range over temperatures | median seed std |",
+        "|---|---:|---:|---:|",
+    ]
+    for loss, entry in results["robustness"].items():
+        cells = [
+            "missing" if entry[k] is None else f"{100 * entry[k]:.2f}"
+            for k in ("batch_size_range", "temperature_range", "median_seed_std")
+        ]
+        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    write_atomic(path, buffer.getvalue())
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:  # Nothing to label while runs are missing.
+        ax.legend(**kwargs)
+
+
+def _series(results: Mapping[str, Any], names: Sequence[str], x_key: str, metric: str):
+    cells = {c["name"]: c for c in results["cells"]}
+    scale = METRICS[metric][2]
+    points = [(cells[n][x_key], cells[n]["summary"][metric]) for n in names]
+    points = [(x, s) for x, s in points if s["n"]]
+    x = np.asarray([p[0] for p in points], float)
+    y = np.asarray([p[1]["mean"] * scale for p in points], float)
+    err = np.asarray([(p[1]["std"] or 0.0) * scale for p in points], float)
+    return x, y, err
+
+
+def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> dict[str, str]:
+    """Writes ``NAME_batch_size.png``, ``NAME_temperature.png`` and ``NAME_effective_rank.png``
+    (error bars: sample standard deviation over seeds); returns their paths."""
+    from matplotlib.figure import Figure
+
+    out = Path(results_dir)
+    name = results["sweep"]
+    seeds = len(results["seeds"])
+    paths = {}
+    colours = {loss: f"C{i}" for i, loss in enumerate(results["losses"])}
+    note = f"mean ± std over {seeds} seed{'s' * (seeds > 1)}"
+
+    batch_view = results["views"]["batch_size"]
+    fig = Figure(figsize=(11, 4.2))
+    for ax, metric in zip(fig.subplots(1, 2), ("linear_probe", "knn"), strict=True):
+        for loss, names in batch_view.items():
+            x, y, err = _series(results, names, "batch_size", metric)
+            if x.size:
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colours[loss], label=loss)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(results["batch_sizes"], [str(b) for b in results["batch_sizes"]])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(METRICS[metric][1])
+        ax.grid(True, alpha=0.3)
+        _legend(ax)
+    fig.suptitle(f"{name}: accuracy vs batch size (default temperature; {note})")
+    paths["batch_size"] = out / f"{name}_batch_size.png"
+    _save_png(fig, paths["batch_size"])
+
+    temp_view = results["views"]["temperature"]
+    groups: dict[str, list[str]] = {}
+    for loss in temp_view:
+        groups.setdefault(results["losses"][loss]["temperature"], []).append(loss)
+    fig = Figure(figsize=(5.5 * max(1, len(groups)), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, max(1, len(groups))))
+    for ax, (tname, group) in zip(axes, groups.items(), strict=False):
+        for loss in group:
+            for metric, style in (("linear_probe", "-"), ("knn", "--")):
+                x, y, err = _series(results, temp_view[loss], "temperature", metric)
+                if x.size:
+                    ax.errorbar(
+                        x,
+                        y,
+                        yerr=err,
+                        marker="o",
+                        ls=style,
+                        capsize=3,
+                        color=colours[loss],
+                        label=f"{loss}, {'linear probe' if metric == 'linear_probe' else 'kNN'}",
+                    )
+        ax.set_xscale("log")
+        values = sorted({v for loss in group for v in results["losses"][loss]["temperatures"]})
+        ax.set_xticks(values, [_num(v) for v in values])
+        ax.set_xlabel(f"temperature {tname}")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        _legend(ax, fontsize=8)
+    fig.suptitle(
+        f"{name}: accuracy vs temperature (batch {results['temperature_batch_size']}; {note})"
+    )
+    paths["temperature"] = out / f"{name}_temperature.png"
+    _save_png(fig, paths["temperature"])
+
+    fig = Figure(figsize=(11, 4.2))
+    cells = {c["name"]: c for c in results["cells"]}
+    batches = results["batch_sizes"]
+    width = 0.8 / len(batches)
+    for ax, metric in zip(
+        fig.subplots(1, 2), ("effective_rank_features", "effective_rank_projections"), strict=True
+    ):
+        for j, batch in enumerate(batches):
+            heights, errs = [], []
+            for names in batch_view.values():
+                s = next(
+                    (cells[n]["summary"][metric] for n in names if cells[n]["batch_size"] == batch),
+                    None,
+                )
+                heights.append(s["mean"] if s and s["n"] else np.nan)
+                errs.append((s["std"] or 0.0) if s and s["n"] else 0.0)
+            xs = np.arange(len(batch_view)) + (j - (len(batches) - 1) / 2) * width
+            ax.bar(xs, heights, width, yerr=errs, capsize=2, label=f"B = {batch}")
+        ax.set_xticks(np.arange(len(batch_view)), list(batch_view))
+        ax.set_ylabel(METRICS[metric][1].replace("Effective rank of the", "effective rank,"))
+        ax.grid(True, axis="y", alpha=0.3)
+        _legend(ax, fontsize=8)
+    fig.suptitle(f"{name}: effective rank per loss (default temperature; {note})")
+    paths["effective_rank"] = out / f"{name}_effective_rank.png"
+    _save_png(fig, paths["effective_rank"])
+    return {k: os.fspath(v) for k, v in paths.items()}
+
+
+def write_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> dict[str, str]:
+    """Writes ``NAME.json``, ``NAME.md`` and the plots to ``results_dir``; returns the paths."""
+    out = Path(results_dir)
+    name = results["sweep"]
+    paths = {"json": out / f"{name}.json", "markdown": out / f"{name}.md"}
+    write_atomic(paths["json"], (json.dumps(results, indent=2, allow_nan=False) + "\n").encode())
+    write_atomic(paths["markdown"], markdown(results).encode())
+    return {**{k: os.fspath(v) for k, v in paths.items()}, **plot_results(results, out)}
