@@ -40,6 +40,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or incompatible with the requested structure."""
 
 
+class WorkdirConflictError(ValueError):
+    """``--workdir`` holds another run: its ``config.json`` differs from the config given."""
+
+
+# Config fields a resumed run may change: where data is read from and how the run logs,
+# checkpoints and is evaluated, none of which changes the parameters it trains.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "data_dir",
+        "data_workers",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "max_checkpoints_to_keep",
+        "eval",
+    }
+)
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     """``<workdir>/checkpoints``, absolute (Orbax rejects relative paths, and ``--workdir``
     is usually given relative to the current directory); URLs such as ``gs://`` are kept."""
@@ -154,6 +172,60 @@ def write_config_json(workdir: str | os.PathLike, config: ml_collections.ConfigD
     path = epath.Path(workdir) / CONFIG_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+
+
+def _json_tree(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as ``config.json`` stores it (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Refuses to train ``config`` in a ``workdir`` that another run's config owns.
+
+    ``<workdir>/config.json`` is written when a run starts; rerunning with the same config
+    resumes that run. Only the :data:`RESUMABLE_FIELDS` may differ. Reads, never writes.
+
+    Raises:
+      WorkdirConflictError: the stored config differs elsewhere (every differing field is
+        named, with the stored and the given value), or cannot be read as JSON.
+    """
+    path = epath.Path(workdir) / CONFIG_FILENAME
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WorkdirConflictError(
+            f"--workdir {workdir} has a {CONFIG_FILENAME} that cannot be read ({e}); it may "
+            "belong to another program's run. Nothing was changed: use another --workdir."
+        ) from e
+    old, new = _flatten(stored), _flatten(_json_tree(config))
+    differing = sorted(
+        key
+        for key in old.keys() | new.keys()
+        if key.split(".")[0] not in RESUMABLE_FIELDS and old.get(key) != new.get(key)
+    )
+    if differing:
+        shown = "; ".join(
+            f"{key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"
+            for key in differing[:5]
+        )
+        more = f" and {len(differing) - 5} more" if len(differing) > 5 else ""
+        raise WorkdirConflictError(
+            f"--workdir {workdir} holds another run, whose config differs in {shown}{more}. "
+            "Nothing was changed: use another --workdir for this config, or rerun with that "
+            f"run's config (its {CONFIG_FILENAME}) to resume it."
+        )
 
 
 def _to_config(value: Any) -> Any:

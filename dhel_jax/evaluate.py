@@ -34,8 +34,8 @@ Linear-probe protocols (hyper-parameters recorded in ``eval.json``):
   encoder, trained with SGD (momentum 0.9, learning rate 0.1 with cosine decay to 0, no weight
   decay, batch 256, 100 epochs) on features computed on the fly from randomly cropped
   (the run's ``crop_scale`` / ``crop_ratio``) and flipped train images, tested on the evaluation
-  transform. 100 encoder passes over the train split: 11-13 minutes on 2 CPU cores for the
-  Fashion-MNIST default (benchmarks/README_eval.md); opt-in.
+  transform. 100 encoder passes over the train split, minutes on a CPU (benchmarks/README.md,
+  "Evaluation"); opt-in.
 
 The settings come from the run's ``config.eval`` (``protocol``, ``knn_k``, ``knn_temperature``,
 and any other :class:`EvalSettings` field it holds), then from the caller's overrides.
@@ -520,7 +520,7 @@ class EvalSettings:
       protocol: linear-probe protocol, ``"fast"`` or ``"paper"``.
       knn_k, knn_temperature, knn_chunk_size: ``probes.knn_accuracy`` arguments.
       batch_size: images per feature-extraction step (global, over the devices). On a 2-core
-        CPU, 256 (128 per device) extracts 1.7x faster than 1024 (``benchmarks/README_eval.md``);
+        CPU, 256 (128 per device) extracts faster than 1024 (``benchmarks/README.md``);
         on an accelerator a larger batch may pay.
       geometry_examples: the first this many test images give the pair metrics and alignment.
       rank_tol: ``metrics.rank`` tolerance.

@@ -61,9 +61,9 @@ def _define_shared_flags() -> None:
         "cpu_devices",
         "1",
         "CPU-only runs: number of XLA host devices to shard the batch over ('1': one device "
-        "whose ops use every core, the faster choice on 2 cores (benchmarks/README_train.md); "
-        "'auto': the largest divisor of the batch size <= the number of cores). Ignored when "
-        f"XLA_FLAGS sets {_DEVICE_COUNT_FLAG} or an accelerator is present.",
+        "whose ops use every core, the faster choice on 2 cores (benchmarks/README.md); 'auto': "
+        "the largest divisor of the batch size <= the number of cores). Ignored when XLA_FLAGS "
+        f"sets {_DEVICE_COUNT_FLAG} or an accelerator is present.",
     )
 
 
@@ -355,8 +355,8 @@ def _eval(argv: list[str]) -> None:
             "[--baselines] [--out_dir DIR] [--data_dir DIR]"
         )
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    # Inference has no collectives: one device per core extracts features ~1.5x faster on 2
-    # cores than one device using both (benchmarks/README_eval.md).
+    # Inference has no collectives: one device per core extracts features faster on 2 cores
+    # than one device using both (benchmarks/README.md, "Evaluation").
     _configure_cpu_backend(_EVAL_BATCH_SIZE, default_devices="auto")
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     from dhel_jax import checkpointing, data, evaluate

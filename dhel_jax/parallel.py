@@ -1,7 +1,7 @@
 """Device meshes and global-batch evaluation of the losses.
 
-Two ways to evaluate a loss on a batch sharded over many devices (README,
-"Scaling"):
+Two ways to evaluate a loss on a batch sharded over many devices
+(docs/scaling.md):
 
 * ``jax.jit`` on arrays with a ``NamedSharding`` over a ``('data',)`` mesh:
   call the loss as if on one device; XLA partitions it and inserts the

@@ -845,12 +845,14 @@ def train_and_evaluate(
       The final train state.
 
     Raises:
-      ValueError: a bad config (before anything is read or compiled).
+      ValueError: a bad config (before anything is read or compiled), or
+        ``checkpointing.WorkdirConflictError``: ``workdir`` holds another run's config.
       NonFiniteLossError: a step's loss, gradients or parameters were not finite; no
         checkpoint of that step or later is written.
       checkpointing.CheckpointError: the latest checkpoint cannot be restored.
     """
     validate_config(config)
+    checkpointing.check_workdir_config(workdir, config)
     workdir_path = epath.Path(workdir)
     is_chief = jax.process_index() == 0
     if is_chief:

@@ -400,6 +400,16 @@ def test_corrupt_or_incompatible_checkpoint_is_reported_and_not_overwritten(
     shutil.copytree(run_a[0], workdir)
     wider = tiny_config()
     wider.model.head_out_dim = 12
+    before = hash_tree(workdir)
+    # The workdir's config.json names the run it holds: another config is refused up front.
+    with pytest.raises(
+        checkpointing.WorkdirConflictError,
+        match=r"holds another run, whose config differs in model\.head_out_dim: 8 there, 12 now",
+    ):
+        train.train_and_evaluate(wider, str(workdir), compiler_options=COMPILER_OPTIONS)
+    assert hash_tree(workdir) == before
+    # Without config.json, restoring the checkpoint into the other structure still fails.
+    (workdir / checkpointing.CONFIG_FILENAME).unlink()
     before = hash_tree(workdir / "checkpoints")
     with pytest.raises(
         checkpointing.CheckpointError, match=r"(?s)checkpoints/8: .*available steps.*\[4, 8\]"
@@ -614,8 +624,9 @@ def test_cli_config_errors_are_one_line_with_status_2(
 
 
 def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_cache):
-    """A truncated array of the latest checkpoint, then the same dhel-train command again: one
-    error line, status 1, no traceback or library noise, and nothing on disk changed."""
+    """Another config in a finished run's --workdir: one error line, status 2. Then a truncated
+    array of the latest checkpoint and the same dhel-train command again: one error line,
+    status 1. Never a traceback or library noise, and nothing on disk changed."""
     workdir = tmp_path / "run"
     command = [
         sys.executable,
@@ -629,6 +640,18 @@ def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_
     env = _env(compilation_cache)
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
+
+    # Another run's config in the same --workdir: a config error (status 2), nothing changed.
+    before = hash_tree(workdir)
+    other = [*command, "--config.model.head_out_dim=12"]
+    proc = subprocess.run(other, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == main.EXIT_USAGE, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("dhel-train: error: ") and "holds another run" in lines[-1]
+    assert "model.head_out_dim: 8 there, 12 now" in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert hash_tree(workdir) == before
+
     truncate_state_arrays(workdir, 2, divisor=2)
     before = hash_tree(workdir)
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
