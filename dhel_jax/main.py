@@ -124,9 +124,16 @@ def _configure_cpu_backend(batch_size: int, default_devices: str = "1") -> None:
 
 
 class _OwnInfoOnly(logging.Filter):
-    """Keeps INFO records of dhel_jax only (Orbax logs every save at INFO), and every warning."""
+    """Keeps INFO records of dhel_jax only (Orbax logs every save at INFO), and every warning.
+
+    Orbax's ERROR records go too, unless DHEL_JAX_TRACEBACK is set: each is a failed
+    background write, logged with its traceback by every thread that sees it, and re-raised
+    to the training loop, which reports it once (as a ``CheckpointError``).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "/orbax/" in record.pathname:
+            return _traceback_requested()
         return record.levelno >= logging.WARNING or "dhel_jax" in record.pathname
 
 
@@ -153,14 +160,16 @@ def _write_error(prog: str, message: str) -> None:
     sys.stderr.flush()
 
 
-def _exit_with_error(prog: str, error: BaseException, status: int) -> None:
-    """Reports ``error`` with :func:`_write_error`, then raises :class:`_ErrorExit` with
-    ``status`` (or, with ``DHEL_JAX_TRACEBACK=1``, re-raises ``error`` with its traceback).
-    Callers only get here after the training loop's ``finally`` has waited for and closed
-    every checkpoint write."""
+def _exit_with_error(
+    prog: str, error: BaseException, status: int, message: str | None = None
+) -> None:
+    """Reports ``message`` (default: ``str(error)``) with :func:`_write_error`, then raises
+    :class:`_ErrorExit` with ``status`` (or, with ``DHEL_JAX_TRACEBACK=1``, re-raises ``error``
+    with its traceback). Callers only get here after the training loop's ``finally`` has waited
+    for and closed every checkpoint write."""
     if _traceback_requested():
         raise error
-    _write_error(prog, str(error))
+    _write_error(prog, str(error) if message is None else message)
     raise _ErrorExit(status) from None
 
 
@@ -237,9 +246,21 @@ def _train(argv: list[str]) -> None:
         checkpointing.CheckpointError,
         data.DatasetUnavailableError,
         train.NonFiniteLossError,
-        OSError,  # e.g. an unwritable or full --workdir; the message names the path
     ) as e:
         _exit_with_error("dhel-train", e, EXIT_FAILURE)
+    except OSError as e:  # an unwritable or full --workdir (logs, config.json)
+        _exit_with_error("dhel-train", e, EXIT_FAILURE, _file_system_message(e, "--workdir"))
+
+
+def _file_system_message(error: OSError, where: str) -> str:
+    """What a refused write means and what to do: ``[Errno 28] No space left on device:
+    'runs/x/metrics.jsonl'`` becomes ``cannot write runs/x/metrics.jsonl: No space left on
+    device. Free space ...``."""
+    what = f" {error.filename}" if error.filename is not None else f" in the {where}"
+    return (
+        f"cannot write{what}: {error.strerror or error}. Free space or make it writable, or "
+        f"choose another {where}; checkpoints already saved are unchanged."
+    )
 
 
 def _fail(message: str) -> None:
@@ -345,6 +366,8 @@ def _eval(argv: list[str]) -> None:
         _exit_with_error("dhel-eval", e, EXIT_USAGE)
     except (checkpointing.CheckpointError, data.DatasetUnavailableError) as e:
         _exit_with_error("dhel-eval", e, EXIT_FAILURE)
+    except OSError as e:  # an unwritable or full --out_dir (eval.json, plots)
+        _exit_with_error("dhel-eval", e, EXIT_FAILURE, _file_system_message(e, "--out_dir"))
     print(evaluate.summary(results))
 
 

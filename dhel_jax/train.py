@@ -997,8 +997,10 @@ def train_and_evaluate(
                     logging.warning("stopped at step %d; checkpoint saved", step)
                     break
     finally:
-        manager.wait_until_finished()
-        manager.close()
-        if log is not None:
-            log.close()
+        try:
+            checkpointing.wait_until_saved(manager)
+        finally:
+            manager.close()
+            if log is not None:
+                log.close()
     return state
