@@ -86,9 +86,12 @@ def init_state(setup: StepSetup, seed: int) -> dict[str, Any]:
 
 
 def contrastive_step(
-    state: dict[str, Any], images: jax.Array, *, setup: StepSetup
+    state: dict[str, Any], images: jax.Array, *, setup: StepSetup, sharding: Any = None
 ) -> tuple[dict[str, Any], jax.Array]:
-    """Two on-device views, encoder + head on the 2B interleaved views, DHEL, LARS update."""
+    """Two on-device views, encoder + head on the 2B interleaved views, DHEL, LARS update.
+
+    ``sharding`` (the batch's) keeps each image's two views on its device, as in
+    ``dhel_jax.train.train_step``."""
     import optax
 
     from dhel_jax import augment
@@ -97,6 +100,8 @@ def contrastive_step(
     x1, x2 = augment.two_views(images, key, **setup.view_kwargs)
     b = images.shape[0]
     views = jnp.stack([x1, x2], axis=1).reshape((2 * b, *x1.shape[1:]))
+    if sharding is not None:
+        views = jax.lax.with_sharding_constraint(views, sharding)
 
     def objective(params):
         variables = {"params": params, "batch_stats": state["batch_stats"]}
@@ -122,7 +127,7 @@ def compile_step(setup: StepSetup, mesh: Any, state: Any, images: Any, options: 
     replicated, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     return (
         jax.jit(
-            functools.partial(contrastive_step, setup=setup),
+            functools.partial(contrastive_step, setup=setup, sharding=shard),
             in_shardings=(replicated, shard),
             out_shardings=(replicated, replicated),
             donate_argnums=0,

@@ -100,7 +100,7 @@ def markdown(report: dict[str, Any], sections_order: tuple[str, ...]) -> str:
                         r["model"],
                         r["dtype"],
                         str(r["batch"]),
-                        _fmt(r.get("images_per_s"), ".0f"),
+                        _fmt(r.get("images_per_s"), ".0f") if "error" not in r else r["error"],
                         _fmt(r.get("mfu") and 100 * r["mfu"], ".1f"),
                         _fmt(r.get("tflops_per_s"), ".2f"),
                         _fmt(r.get("host_images_per_s"), ".0f"),
