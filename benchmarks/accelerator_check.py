@@ -87,6 +87,7 @@ DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 PEAK_TFLOPS: tuple[tuple[str, str, tuple[float, float, float]], ...] = (
     (r"h200 nvl", "NVIDIA H200 NVL", (835.0, 417.5, 60.0)),
     (r"h200", "NVIDIA H200 SXM", (989.5, 494.5, 67.0)),
+    (r"h100 nvl", "NVIDIA H100 NVL", (835.0, 417.5, 60.0)),
     (r"h100 pcie", "NVIDIA H100 PCIe", (756.5, 378.0, 51.0)),
     (r"h100", "NVIDIA H100 SXM", (989.5, 494.5, 67.0)),
     (r"a100", "NVIDIA A100", (312.0, 156.0, 19.5)),

@@ -158,6 +158,7 @@ def test_peak_flops_table():
 
     assert check.peak_flops("NVIDIA H200", "bfloat16") == (989.5e12, "NVIDIA H200 SXM")
     assert check.peak_flops("NVIDIA H100 PCIe", "float32_default")[0] == 378e12
+    assert check.peak_flops("NVIDIA H100 NVL", "bfloat16")[1] == "NVIDIA H100 NVL"
     assert check.peak_flops("NVIDIA A100-SXM4-80GB", "float32_highest")[0] == 19.5e12
     assert check.peak_flops("NVIDIA L4", "bfloat16")[0] == 121e12
     assert check.peak_flops("NVIDIA L40S", "bfloat16")[0] is None  # not an L4
