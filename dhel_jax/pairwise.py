@@ -513,9 +513,3 @@ def global_sum(x: Array, axis_name: AxisName) -> Array:
     """``sum(x)`` over this device's entries and every device along ``axis_name``."""
     total = jnp.sum(x)
     return total if axis_name is None else lax.psum(total, axis_name)
-
-
-def global_max(x: Array, axis_name: AxisName) -> Array:
-    """``max(x)`` over this device's entries and every device along ``axis_name``."""
-    top = jnp.max(x)
-    return top if axis_name is None else lax.pmax(top, axis_name)
