@@ -1,4 +1,4 @@
-"""Trace-time input checks shared by losses and metrics.
+"""Input checks shared by every module: arrays (losses, metrics, probes) and settings.
 
 Every check runs on static shapes and Python scalars, so errors surface when a
 function is traced (before any compute), with the offending value and what is
@@ -7,9 +7,10 @@ accepted.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import jax.numpy as jnp
 
@@ -84,3 +85,93 @@ def check_block_size(block_size: Any, *, fn: str) -> None:
         raise ValueError(
             f"{fn}: block_size must be None (dense) or a positive integer; got {block_size!r}."
         )
+
+
+# --------------------------------------------------------------------------- Python scalars
+#
+# Settings (counts, sizes, rates) of every module: data, evaluate, optimizers, probes, metrics
+# and the config checks of train. ``fn`` names the function (``None``: ``name`` says it all, as
+# ``config.batch_size`` does); ``reason`` explains a bound.
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _error(fn: str | None, name: str, accepted: str, value: Any, reason: str) -> ValueError:
+    where = f"{fn}: " if fn else ""
+    why = f" ({reason})" if reason else ""
+    return ValueError(f"{where}{name} must be {accepted}{why}; got {name} = {value!r}.")
+
+
+@overload
+def check_int(
+    value: Any,
+    name: str,
+    *,
+    fn: str | None = ...,
+    minimum: int = ...,
+    maximum: int | None = ...,
+    none_ok: Literal[False] = ...,
+    reason: str = ...,
+) -> int: ...
+
+
+@overload
+def check_int(
+    value: Any,
+    name: str,
+    *,
+    fn: str | None = ...,
+    minimum: int = ...,
+    maximum: int | None = ...,
+    none_ok: Literal[True],
+    reason: str = ...,
+) -> int | None: ...
+
+
+def check_int(
+    value: Any,
+    name: str,
+    *,
+    fn: str | None = None,
+    minimum: int = 1,
+    maximum: int | None = None,
+    none_ok: bool = False,
+    reason: str = "",
+) -> int | None:
+    """Checks an integer in ``[minimum, maximum]`` (``None`` too when ``none_ok``); returns it
+    as a Python ``int``."""
+    if none_ok and value is None:
+        return None
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        accepted = (
+            f"an integer >= {minimum}"
+            if maximum is None
+            else f"an integer in [{minimum}, {maximum}]"
+        )
+        raise _error(fn, name, ("None or " if none_ok else "") + accepted, value, reason)
+    return int(value)
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    fn: str | None = None,
+    minimum: float = 0.0,
+    strict: bool = False,
+    reason: str = "",
+) -> float:
+    """Checks a finite number ``> minimum`` (``strict``) or ``>= minimum``; returns it as a
+    Python ``float``."""
+    if not is_number(value) or not (value > minimum if strict else value >= minimum):
+        accepted = f"a finite number {'>' if strict else '>='} {minimum:g}"
+        raise _error(fn, name, accepted, value, reason)
+    return float(value)
