@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from typing import Any, Literal, overload
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -110,30 +110,19 @@ def _error(fn: str | None, name: str, accepted: str, value: Any, reason: str) ->
     return ValueError(f"{where}{name} must be {accepted}{why}; got {name} = {value!r}.")
 
 
-@overload
-def check_int(
+def _integer(
     value: Any,
     name: str,
-    *,
-    fn: str | None = ...,
-    minimum: int = ...,
-    maximum: int | None = ...,
-    none_ok: Literal[False] = ...,
-    reason: str = ...,
-) -> int: ...
-
-
-@overload
-def check_int(
-    value: Any,
-    name: str,
-    *,
-    fn: str | None = ...,
-    minimum: int = ...,
-    maximum: int | None = ...,
-    none_ok: Literal[True],
-    reason: str = ...,
-) -> int | None: ...
+    fn: str | None,
+    minimum: int,
+    maximum: int | None,
+    accepted: str,
+    reason: str,
+) -> int:
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise _error(fn, name, f"{accepted}an integer {bound}", value, reason)
+    return int(value)
 
 
 def check_int(
@@ -143,21 +132,17 @@ def check_int(
     fn: str | None = None,
     minimum: int = 1,
     maximum: int | None = None,
-    none_ok: bool = False,
     reason: str = "",
+) -> int:
+    """Checks an integer in ``[minimum, maximum]``; returns it as a Python ``int``."""
+    return _integer(value, name, fn, minimum, maximum, "", reason)
+
+
+def check_optional_int(
+    value: Any, name: str, *, fn: str | None = None, minimum: int = 1
 ) -> int | None:
-    """Checks an integer in ``[minimum, maximum]`` (``None`` too when ``none_ok``); returns it
-    as a Python ``int``."""
-    if none_ok and value is None:
-        return None
-    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
-        accepted = (
-            f"an integer >= {minimum}"
-            if maximum is None
-            else f"an integer in [{minimum}, {maximum}]"
-        )
-        raise _error(fn, name, ("None or " if none_ok else "") + accepted, value, reason)
-    return int(value)
+    """Checks ``None`` or an integer ``>= minimum``."""
+    return None if value is None else _integer(value, name, fn, minimum, None, "None or ", "")
 
 
 def check_number(

@@ -49,7 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_dict
 
 from dhel_jax import augment, checkpointing, data, losses, models, optimizers, parallel
-from dhel_jax._validation import check_int, check_number
+from dhel_jax._validation import check_int, check_number, check_optional_int
 
 Array = jax.Array
 Hook = Callable[[int, Mapping[str, float]], None]
@@ -273,7 +273,7 @@ def validate_config(
         )
     for field in ("head_hidden_dim", "head_out_dim", "head_num_layers"):
         check_int(m[field], f"config.model.{field}")
-    check_int(m.num_filters, "config.model.num_filters", none_ok=True)
+    check_optional_int(m.num_filters, "config.model.num_filters")
 
     loss_from_config(config.loss)
 
@@ -311,7 +311,7 @@ def validate_config(
         f"config.batch_size = {b} does not split evenly over the {process_count} processes.",
     )
     check_number(config.num_epochs, "config.num_epochs", strict=True)
-    check_int(config.num_train_steps, "config.num_train_steps", none_ok=True)
+    check_optional_int(config.num_train_steps, "config.num_train_steps")
     for field in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
         check_int(config[field], f"config.{field}")
     check_int(config.seed, "config.seed", minimum=0)
