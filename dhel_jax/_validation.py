@@ -39,14 +39,15 @@ def check_embeddings(x: Any, name: str = "x", *, fn: str) -> None:
         )
 
 
-def check_pair(z1: Any, z2: Any, *, fn: str) -> None:
-    """Checks two views ``z1``, ``z2`` of matching floating ``(M, d)`` shape."""
-    check_embeddings(z1, "z1", fn=fn)
-    check_embeddings(z2, "z2", fn=fn)
+def check_pair(z1: Any, z2: Any, *, fn: str, names: tuple[str, str] = ("z1", "z2")) -> None:
+    """Checks two views ``z1``, ``z2`` (called ``names``) of matching floating ``(M, d)`` shape."""
+    a, b = names
+    check_embeddings(z1, a, fn=fn)
+    check_embeddings(z2, b, fn=fn)
     if tuple(z1.shape) != tuple(z2.shape):
         raise ValueError(
-            f"{fn}: z1 and z2 must have the same shape (M, d), row i of z2 being the positive of "
-            f"row i of z1; got z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}."
+            f"{fn}: {a} and {b} must have the same shape (M, d), row i of {b} being the positive of "
+            f"row i of {a}; got {a} {tuple(z1.shape)} and {b} {tuple(z2.shape)}."
         )
 
 

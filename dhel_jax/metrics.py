@@ -27,6 +27,7 @@ from dhel_jax._validation import (
     check_embeddings,
     check_global_batch,
     check_int,
+    check_pair,
     check_positive,
 )
 from dhel_jax.kernels import inverse_power, power
@@ -55,13 +56,7 @@ def alignment(x: Array, y: Array, *, alpha: float = 2.0, axis_name: AxisName = N
       alpha: exponent, > 0.
     """
     fn = "alignment"
-    check_embeddings(x, "x", fn=fn)
-    check_embeddings(y, "y", fn=fn)
-    if tuple(x.shape) != tuple(y.shape):
-        raise ValueError(
-            f"{fn}: x and y must have the same shape (M, d); "
-            f"got {tuple(x.shape)} and {tuple(y.shape)}."
-        )
+    check_pair(x, y, fn=fn, names=("x", "y"))
     check_positive(alpha, "alpha", fn=fn)
     acc = accumulation_dtype(x.dtype)
     diff = l2_normalize(x).astype(acc) - l2_normalize(y).astype(acc)
