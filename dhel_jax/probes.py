@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from dhel_jax._validation import check_embeddings, check_int, check_positive
+from dhel_jax._validation import check_embeddings, check_int, check_optional_int, check_positive
 from dhel_jax.pairwise import accumulation_dtype, l2_normalize
 
 Array = jax.Array
@@ -256,8 +256,7 @@ def fit_linear_probe(
         )
     if not (isinstance(val_fraction, numbers.Real) and 0 < val_fraction < 1):
         raise ValueError(f"{fn}: val_fraction must lie in (0, 1); got {val_fraction!r}.")
-    if max_search_examples is not None:
-        check_int(max_search_examples, "max_search_examples", fn=fn)
+    check_optional_int(max_search_examples, "max_search_examples", fn=fn)
     check_int(max_steps, "max_steps", fn=fn)
     check_positive(tol, "tol", fn=fn)
     num_val = round(n * val_fraction)

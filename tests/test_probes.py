@@ -254,7 +254,11 @@ _Y = np.arange(20, dtype=np.int32) % 2
         (dict(l2_grid=(1e-3, -1.0)), ValueError, r"l2_grid must be .* >= 0"),
         (dict(val_fraction=1.0), ValueError, r"val_fraction must lie in \(0, 1\)"),
         (dict(val_fraction=0.01), ValueError, r"leaves 0 held-out"),
-        (dict(max_search_examples=0), ValueError, r"max_search_examples must be a positive"),
+        (
+            dict(max_search_examples=0),
+            ValueError,
+            r"max_search_examples must be None or an integer >= 1",
+        ),
         (dict(max_steps=0), ValueError, r"max_steps must be an integer >= 1"),
         (dict(tol=0.0), ValueError, r"tol must be > 0"),
     ],
