@@ -29,6 +29,7 @@ the host into one device per core (inference needs no collectives, and runs fast
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -73,13 +74,27 @@ _CPU_DEVICES = flags.DEFINE_string(
 )
 
 
-def _tpu_chips_present() -> bool:
-    try:
-        from jax._src import hardware_utils
+# Cloud TPU chips on the PCI bus: Google's vendor id and the device ids of TPU v3 to TPU7x (the
+# table JAX itself reads). A newer generation missing here is still found by
+# ``--distributed=true`` or ``JAX_COORDINATOR_ADDRESS``.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
 
-        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except Exception:  # noqa: BLE001 - a private helper: absent or changed means "unknown".
-        return False
+
+def _tpu_chips_present(pci_devices: str = "/sys/bus/pci/devices") -> bool:
+    """Whether a TPU chip sits on this host's PCI bus (read from sysfs, before any JAX backend
+    starts; ``False`` where sysfs is absent)."""
+    for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() != _GOOGLE_PCI_VENDOR:
+                    continue
+            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
+                if f.read().strip() in _TPU_PCI_DEVICES:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _multiprocess_environment() -> bool:

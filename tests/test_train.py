@@ -149,7 +149,7 @@ def _bad(**changes):
         ({"optimizer.name": "lamb"}, r"config.optimizer.name: unknown optimizer 'lamb'.*'lars'"),
         ({"batch_size": 12}, r"batch_size = 12 does not split evenly over the 8 devices.*16"),
         ({"augment.flip_prob": 1.5}, r"config.augment: .*flip_prob must be a probability"),
-        ({"optimizer.base_lr": 0.0}, r"config.optimizer.base_lr must be a number > 0"),
+        ({"optimizer.base_lr": 0.0}, r"config.optimizer.base_lr must be a finite number > 0"),
         ({"log_every_steps": 0}, r"config.log_every_steps must be an integer >= 1"),
     ],
 )
@@ -594,7 +594,7 @@ def test_cpu_xla_flags_keep_a_train_step_within_float32_round_off(tmp_path):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("--config.optimizer.base_lr=0.0", "config.optimizer.base_lr must be a number > 0"),
+        ("--config.optimizer.base_lr=0.0", "config.optimizer.base_lr must be a finite number > 0"),
         # Found only once the dataset's size is known: 10 epochs of warm-up > 3 steps.
         ("--config.num_train_steps=3", "config.optimizer.warmup_epochs = 10"),
     ],
