@@ -19,8 +19,10 @@ and the steps available; nothing is ever overwritten to recover.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,10 +75,60 @@ def available_steps(workdir: str | os.PathLike) -> list[int]:
     Orbax writes a step into a temporary directory and renames it to ``<step>`` when complete,
     so only integer-named directories count; interrupted saves are ignored.
     """
-    directory = checkpoint_dir(workdir)
+    return _finalised_steps(checkpoint_dir(workdir))
+
+
+def _finalised_steps(directory: epath.Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _save_failed(manager: ocp.CheckpointManager, error: OSError) -> CheckpointError:
+    """The error for a checkpoint write that the file system refused (full, read-only, ...)."""
+    directory = epath.Path(manager.directory)
+    reason = error.strerror or str(error)
+    if error.errno in _NO_SPACE:
+        reason += " (the disk is full, or a quota or file-size limit was reached)"
+    steps = _finalised_steps(directory)
+    kept = (
+        f"the checkpoints saved before, steps {steps}, are intact"
+        if steps
+        else ("no checkpoint had been saved yet")
+    )
+    return CheckpointError(
+        f"cannot write a checkpoint in {directory}: {reason}. Training stopped; {kept}, and "
+        "the unfinished save is ignored on resume. Free space (or make the directory "
+        "writable), then rerun the same command to resume."
+    )
+
+
+def _file_system_error(error: Exception) -> OSError | None:
+    """The file-system error behind a failed write: Python's own ``OSError`` (metadata files),
+    or TensorStore's (array files), a ``ValueError`` such as ``OUT_OF_RANGE: Error writing local
+    file ...: File too large [os_error_code='27']``; ``None`` for anything else."""
+    if isinstance(error, OSError):
+        return error
+    match = re.search(r"os_error_code='?(\d+)", str(error))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+    """``manager.wait_until_finished()``; a background write refused by the file system
+    raises :class:`CheckpointError` (see :func:`save`)."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        refused = _file_system_error(e)
+        if refused is None:
+            raise
+        raise _save_failed(manager, refused) from e
 
 
 def _describe(workdir: str | os.PathLike) -> str:
@@ -116,18 +168,32 @@ def save(
     data_iterator: grain.DatasetIterator,
     config: ml_collections.ConfigDict,
 ) -> None:
-    """Saves the train state, the data iterator position and the config at ``step``."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            **{
-                STATE: ocp.args.StandardSave(state),
-                DATA: grain.checkpoint.CheckpointSave(data_iterator),
-                CONFIG: ocp.args.JsonSave(config.to_dict()),
-            }
-        ),
-        force=True,
-    )
+    """Saves the train state, the data iterator position and the config at ``step``.
+
+    The write finishes in the background; a failure of it (or of the previous save) surfaces
+    here or in :func:`wait_until_saved`.
+
+    Raises:
+      CheckpointError: the file system refused a write (a full disk, a read-only or
+        unwritable directory); the message names the directory and the intact steps.
+    """
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                    CONFIG: ocp.args.JsonSave(config.to_dict()),
+                }
+            ),
+            force=True,
+        )
+    except Exception as e:  # The previous step's background write may fail here.
+        refused = _file_system_error(e)
+        if refused is None:
+            raise
+        raise _save_failed(manager, refused) from e
 
 
 def restore(
@@ -168,10 +234,19 @@ def restore(
 
 
 def write_config_json(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Writes ``<workdir>/config.json`` (indented, for humans)."""
+    """Writes ``<workdir>/config.json`` (indented, for humans), atomically: a failed write
+    (a full disk) leaves the previous file as it was."""
     path = epath.Path(workdir) / CONFIG_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{CONFIG_FILENAME}.tmp")
+    try:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError as e:  # A failed write() does not name its file; say which.
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _json_tree(config: ml_collections.ConfigDict) -> dict[str, Any]:
