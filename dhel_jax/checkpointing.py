@@ -33,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dhel_jax._config_tree import flatten
+
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILENAME = "config.json"
 STATE, DATA, CONFIG = "state", "data", "config"
@@ -254,16 +256,6 @@ def _json_tree(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(json.dumps(config.to_dict(), sort_keys=True))
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
     """Refuses to train ``config`` in a ``workdir`` that another run's config owns.
 
@@ -284,7 +276,7 @@ def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.Conf
             f"--workdir {workdir} has a {CONFIG_FILENAME} that cannot be read ({e}); it may "
             "belong to another program's run. Nothing was changed: use another --workdir."
         ) from e
-    old, new = _flatten(stored), _flatten(_json_tree(config))
+    old, new = flatten(stored), flatten(_json_tree(config))
     differing = sorted(
         key
         for key in old.keys() | new.keys()

@@ -29,6 +29,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dhel_jax import checkpointing, sweep
+from dhel_jax._config_tree import flatten
 from tests.helpers import parse_train_command
 from tests.train_worker import MOCK_EXAMPLES
 
@@ -76,7 +77,7 @@ def _write_sweep(directory: Path, text: str = TINY_SWEEP, name: str = "tiny") ->
 
 
 def _flat(config: ml_collections.ConfigDict) -> dict:
-    return sweep.grid._flatten(json.loads(json.dumps(config.to_dict())))
+    return flatten(json.loads(json.dumps(config.to_dict())))
 
 
 # ----------------------------------------------------------------------------------------------

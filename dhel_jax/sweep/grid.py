@@ -15,6 +15,8 @@ from typing import Any
 
 import ml_collections
 
+from dhel_jax._config_tree import flatten
+
 TEMPERATURES = {"tau": "τ", "t": "t"}
 # Fields of the training config the sweep sets per run; the shared overrides may not.
 _RUN_FIELDS = ("loss", "batch_size", "seed")
@@ -54,16 +56,6 @@ def _import_file(path: Path, name: str) -> Any:
     return module
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _as_dict(value: Any) -> dict[str, Any]:
     return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else dict(value or {})
 
@@ -95,7 +87,7 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
         raise SweepError(f"sweep.name must be a non-empty file name; got {sweep.name!r}.")
     if not os.path.isfile(sweep.config):
         raise SweepError(f"sweep.config: no such training config file {sweep.config!r}.")
-    shared = _flatten(_as_dict(sweep.overrides))
+    shared = flatten(_as_dict(sweep.overrides))
     for key, value in shared.items():
         if value is None:
             raise SweepError(
@@ -276,7 +268,7 @@ def expand(sweep: ml_collections.ConfigDict) -> list[Cell]:
         entry = sweep.losses[label]
         key = (label, batch, float(value))
         if key not in cells:
-            overrides = {f"loss.{k}": v for k, v in _flatten(_as_dict(entry.loss)).items()}
+            overrides = {f"loss.{k}": v for k, v in flatten(_as_dict(entry.loss)).items()}
             overrides[f"loss.{entry.temperature}"] = float(value)
             overrides["batch_size"] = batch
             cells[key] = {
@@ -306,7 +298,7 @@ def _load_config_file(path: str) -> ml_collections.ConfigDict:
 
 def run_overrides(sweep: ml_collections.ConfigDict, cell: Cell, seed: int) -> dict[str, Any]:
     """Every ``--config.<field>`` of a run, in command-line order: shared, cell, seed."""
-    return {**_flatten(_as_dict(sweep.overrides)), **cell.overrides, "seed": seed}
+    return {**flatten(_as_dict(sweep.overrides)), **cell.overrides, "seed": seed}
 
 
 def run_config(

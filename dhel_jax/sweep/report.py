@@ -15,11 +15,11 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from dhel_jax._config_tree import flatten
 from dhel_jax._io import write_atomic
 from dhel_jax.sweep.grid import (
     TEMPERATURES,
     _as_dict,
-    _flatten,
     _num,
     default_temperature,
     loss_labels,
@@ -156,7 +156,7 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         "sweep": sweep.name,
         "description": sweep.get("description"),
         "config": os.path.relpath(sweep.config),
-        "overrides": _normalised(_flatten(_as_dict(sweep.overrides))),
+        "overrides": _normalised(flatten(_as_dict(sweep.overrides))),
         "losses": {
             label: {
                 "loss": _normalised(_as_dict(sweep.losses[label].loss)),

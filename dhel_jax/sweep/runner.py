@@ -20,12 +20,12 @@ from typing import Any
 
 import ml_collections
 
+from dhel_jax._config_tree import flatten
 from dhel_jax._io import write_atomic
 from dhel_jax._signals import SignalHandler
 from dhel_jax.sweep.grid import (
     Run,
     SweepError,
-    _flatten,
     display_command,
     make_runs,
     run_config,
@@ -101,8 +101,8 @@ def run_state(run: Run, sweep: ml_collections.ConfigDict, counter: StepCounter) 
         if written != expected:
             diff = sorted(
                 k
-                for k in set(_flatten(expected)) | set(_flatten(written))
-                if _flatten(expected).get(k, "<absent>") != _flatten(written).get(k, "<absent>")
+                for k in set(flatten(expected)) | set(flatten(written))
+                if flatten(expected).get(k, "<absent>") != flatten(written).get(k, "<absent>")
             )
             raise SweepError(
                 f"{run.workdir}: its {CONFIG_FILENAME} differs from run {run.label} of this sweep "
