@@ -214,9 +214,10 @@ def _map_batches(
     batch-sharded (``sizes``: the batch's ``'size'``, None when the source has none).
 
     The batch is rounded up to a multiple of the devices of ``mesh``; the last batch is padded
-    with zero images (full canvas sizes, index 0) and the padding dropped from the outputs. Batches are read
-    from ``source`` in order, a few ahead (``data.iter_batches``), and every output is copied
-    into one preallocated host array: host memory is the outputs plus a few batches.
+    with zero images (full canvas sizes, index 0) and the padding dropped from the outputs.
+    Batches are read from ``source`` in order, a few ahead (``data.iter_batches``), and every
+    output is copied into one preallocated host array: host memory is the outputs plus a few
+    batches.
 
     Returns:
       ``(outputs, labels)``: the outputs of every image, and the labels ``source`` read.
