@@ -6,7 +6,7 @@ RUN     ?= runs/fashion_mnist_dhel
 CONFIG  ?= configs/fashion_mnist.py
 PYTEST_ARGS ?=
 
-.PHONY: setup data test run train eval bench lint notebooks clean
+.PHONY: setup data test run train eval bench accel-check lint notebooks clean
 
 setup: $(STAMP) data
 
@@ -38,6 +38,14 @@ bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_losses.py
 	$(PY) benchmarks/bench_data.py
+
+# Correctness, speed, MFU and learning on whatever backend JAX finds, from a plain source
+# checkout (no install, no TFDS/grain/ml_collections): docs/accelerators.md. With .venv if
+# there is one, else the system python3 (an accelerator host's preinstalled stack).
+ACCEL_PY    = $(if $(wildcard $(PY)),$(PY),python3)
+ACCEL_ARGS ?=
+accel-check:
+	PYTHONPATH=. $(ACCEL_PY) benchmarks/accelerator_check.py $(ACCEL_ARGS)
 
 lint: setup
 	.venv/bin/ruff check dhel_jax tests benchmarks configs

@@ -8,9 +8,9 @@ minutes on a 2-core CPU: a ResNet-8 (``resnet_small``) of widths 96-192-384 (F =
 on 10x10 views, a 384-128-64 projection head, batch 256, crops of at least 20% of the image,
 and brightness/contrast jitter at strength 1.0 (SimCLR's 0.5 is for colour images; on
 grayscale ones only brightness and contrast act). Width paid for by smaller views was the
-strongest lever measured, and width 128 probes about half a point better, but its run takes
-14 minutes there; the runs behind each choice, with their accuracies and minutes, are in
-``benchmarks/README_train.md``.
+strongest lever measured, and width 128 probes better, but its run does not fit the time
+budget there; the runs behind each choice, with their accuracies and minutes, are in
+``benchmarks/README.md`` ("The Fashion-MNIST default").
 """
 
 import ml_collections

@@ -1,4 +1,4 @@
-"""Trace-time input checks shared by losses and metrics.
+"""Input checks shared by every module: arrays (losses, metrics, probes) and settings.
 
 Every check runs on static shapes and Python scalars, so errors surface when a
 function is traced (before any compute), with the offending value and what is
@@ -7,6 +7,7 @@ accepted.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -38,14 +39,15 @@ def check_embeddings(x: Any, name: str = "x", *, fn: str) -> None:
         )
 
 
-def check_pair(z1: Any, z2: Any, *, fn: str) -> None:
-    """Checks two views ``z1``, ``z2`` of matching floating ``(M, d)`` shape."""
-    check_embeddings(z1, "z1", fn=fn)
-    check_embeddings(z2, "z2", fn=fn)
+def check_pair(z1: Any, z2: Any, *, fn: str, names: tuple[str, str] = ("z1", "z2")) -> None:
+    """Checks two views ``z1``, ``z2`` (called ``names``) of matching floating ``(M, d)`` shape."""
+    a, b = names
+    check_embeddings(z1, a, fn=fn)
+    check_embeddings(z2, b, fn=fn)
     if tuple(z1.shape) != tuple(z2.shape):
         raise ValueError(
-            f"{fn}: z1 and z2 must have the same shape (M, d), row i of z2 being the positive of "
-            f"row i of z1; got z1 {tuple(z1.shape)} and z2 {tuple(z2.shape)}."
+            f"{fn}: {a} and {b} must have the same shape (M, d), row i of {b} being the positive of "
+            f"row i of {a}; got {a} {tuple(z1.shape)} and {b} {tuple(z2.shape)}."
         )
 
 
@@ -84,3 +86,78 @@ def check_block_size(block_size: Any, *, fn: str) -> None:
         raise ValueError(
             f"{fn}: block_size must be None (dense) or a positive integer; got {block_size!r}."
         )
+
+
+# --------------------------------------------------------------------------- Python scalars
+#
+# Settings (counts, sizes, rates) of every module: data, evaluate, optimizers, probes, metrics
+# and the config checks of train. ``fn`` names the function (``None``: ``name`` says it all, as
+# ``config.batch_size`` does); ``reason`` explains a bound.
+
+
+def is_int(value: Any) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite real number (Python or NumPy), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _error(fn: str | None, name: str, accepted: str, value: Any, reason: str) -> ValueError:
+    where = f"{fn}: " if fn else ""
+    why = f" ({reason})" if reason else ""
+    return ValueError(f"{where}{name} must be {accepted}{why}; got {name} = {value!r}.")
+
+
+def _integer(
+    value: Any,
+    name: str,
+    fn: str | None,
+    minimum: int,
+    maximum: int | None,
+    accepted: str,
+    reason: str,
+) -> int:
+    if not is_int(value) or value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise _error(fn, name, f"{accepted}an integer {bound}", value, reason)
+    return int(value)
+
+
+def check_int(
+    value: Any,
+    name: str,
+    *,
+    fn: str | None = None,
+    minimum: int = 1,
+    maximum: int | None = None,
+    reason: str = "",
+) -> int:
+    """Checks an integer in ``[minimum, maximum]``; returns it as a Python ``int``."""
+    return _integer(value, name, fn, minimum, maximum, "", reason)
+
+
+def check_optional_int(
+    value: Any, name: str, *, fn: str | None = None, minimum: int = 1
+) -> int | None:
+    """Checks ``None`` or an integer ``>= minimum``."""
+    return None if value is None else _integer(value, name, fn, minimum, None, "None or ", "")
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    fn: str | None = None,
+    minimum: float = 0.0,
+    strict: bool = False,
+    reason: str = "",
+) -> float:
+    """Checks a finite number ``> minimum`` (``strict``) or ``>= minimum``; returns it as a
+    Python ``float``."""
+    if not is_number(value) or not (value > minimum if strict else value >= minimum):
+        accepted = f"a finite number {'>' if strict else '>='} {minimum:g}"
+        raise _error(fn, name, accepted, value, reason)
+    return float(value)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -154,7 +155,17 @@ def _uniform_int(u: jax.Array, high: jax.Array) -> jax.Array:
 def _crop_box(
     u: jax.Array, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> jax.Array:
-    """:func:`sample_crop_box` from ``_CROP_UNIFORMS`` independent U[0, 1) numbers ``u``."""
+    """A random-resized-crop box for an image of ``height x width`` pixels, drawn from
+    ``_CROP_UNIFORMS`` independent U[0, 1) numbers ``u``.
+
+    torchvision's ``RandomResizedCrop.get_params``: up to 10 candidates with area
+    ``A ~ U(scale) * H * W`` and aspect ratio ``r = w / h`` with ``log r ~ U(log ratio)``,
+    ``w = round(sqrt(A r))``, ``h = round(sqrt(A / r))``; the first that fits is placed
+    uniformly at random, else the centre crop with the ratio clamped to ``ratio``.
+
+    Returns:
+      int32 ``[4]``: ``(top, left, crop_height, crop_width)``.
+    """
     n = _SIMCLR_CROP_ATTEMPTS
     area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:n])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
@@ -180,30 +191,6 @@ def _crop_box(
         found, _uniform_int(u[2 * n + 1], width - crop_w + 1), (width - fallback_w) // 2
     )
     return jnp.stack([top, left, crop_h, crop_w]).astype(jnp.int32)
-
-
-def sample_crop_box(
-    key: jax.Array,
-    height: int,
-    width: int,
-    *,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3 / 4, 4 / 3),
-) -> jax.Array:
-    """Draws a random-resized-crop box for an image of ``height x width`` pixels.
-
-    torchvision's ``RandomResizedCrop.get_params``: up to 10 candidates with area
-    ``A ~ U(scale) * H * W`` and aspect ratio ``r = w / h`` with ``log r ~ U(log ratio)``,
-    ``w = round(sqrt(A r))``, ``h = round(sqrt(A / r))``; the first that fits is placed
-    uniformly at random, else the centre crop with the ratio clamped to ``ratio``.
-
-    Returns:
-      int32 ``[4]``: ``(top, left, crop_height, crop_width)``.
-    """
-    fn = "sample_crop_box"
-    scale = _pair(scale, "scale", fn, lo=0.0, hi=1.0)
-    ratio = _pair(ratio, "ratio", fn, lo=0.0)
-    return _crop_box(jax.random.uniform(key, (_CROP_UNIFORMS,)), height, width, scale, ratio)
 
 
 def crop_and_resize(image: jax.Array, box: jax.Array, *, out_size: tuple[int, int]) -> jax.Array:
@@ -305,7 +292,7 @@ def crop_and_resize_in(
 
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
-"""Operation ids of the colour jitter, for ``apply_color_jitter(order=...)``."""
+"""Operation ids of the colour jitter (the ``order`` of :func:`_jitter_in_order`)."""
 
 
 def _clip(x: jax.Array) -> jax.Array:
@@ -328,7 +315,13 @@ def _jitter_in_order(
     order: jax.Array,
     use_hsv: bool,
 ) -> jax.Array:
-    """Applies the four jitter operations in ``order``, clipping after each.
+    """Colour jitter of one float ``[H, W, C]`` image in [0, 1] with the given ``factors``
+    ``(f_b, f_c, f_s, delta)``.
+
+    Runs, in ``order`` (a permutation of ``BRIGHTNESS, CONTRAST, SATURATION, HUE``), with
+    ``clip(., 0, 1)`` after each: brightness ``x f_b``; contrast ``f_c (x - mean_c) + mean_c``
+    (per-channel spatial mean, as ``tf.image.adjust_contrast``); saturation ``S <- clip(S f_s)``
+    and hue ``H <- (H + delta) mod 1`` in HSV, only when ``use_hsv`` (``C = 3``).
 
     Only saturation and hue need an HSV round trip, so rather than evaluating every operation
     at every position (what a vmapped ``lax.switch`` does), the two HSV steps are fixed slots
@@ -379,45 +372,16 @@ def _jitter_in_order(
     return x
 
 
-def apply_color_jitter(
-    image: jax.Array,
-    *,
-    brightness_factor: float | jax.Array = 1.0,
-    contrast_factor: float | jax.Array = 1.0,
-    saturation_factor: float | jax.Array = 1.0,
-    hue_delta: float | jax.Array = 0.0,
-    order: Sequence[int] | jax.Array = (BRIGHTNESS, CONTRAST, SATURATION, HUE),
-) -> jax.Array:
-    """Deterministic colour jitter of one float ``[H, W, C]`` image in [0, 1].
-
-    Runs, in ``order`` (a permutation of ``BRIGHTNESS, CONTRAST, SATURATION, HUE``), with
-    ``clip(., 0, 1)`` after each: brightness ``x f_b``; contrast ``f_c (x - mean_c) + mean_c``
-    (per-channel spatial mean, as ``tf.image.adjust_contrast``); saturation ``S <- clip(S f_s)``
-    and hue ``H <- (H + delta) mod 1`` in HSV. For ``C = 1`` saturation and hue do not apply.
-
-    Returns:
-      float32 ``[H, W, C]`` in [0, 1].
-    """
-    factors = tuple(
-        jnp.asarray(f, jnp.float32)
-        for f in (brightness_factor, contrast_factor, saturation_factor, hue_delta)
-    )
-    order = jnp.asarray(order, jnp.int32)
-    if order.shape != (4,):
-        raise ValueError(
-            f"apply_color_jitter: order must be a permutation of (0, 1, 2, 3); got shape "
-            f"{order.shape}."
-        )
-    return _jitter_in_order(image, factors, order, use_hsv=image.shape[-1] == 3)
-
-
 _JITTER_UNIFORMS = 8
 
 
 def _jitter_params(
     u: jax.Array, brightness: float, contrast: float, saturation: float, hue: float
 ) -> tuple[Sequence[jax.Array], jax.Array]:
-    """Jitter factors and a uniformly random order from ``_JITTER_UNIFORMS`` U[0, 1) numbers."""
+    """SimCLR's random jitter parameters from ``_JITTER_UNIFORMS`` U[0, 1) numbers ``u``:
+    ``f_b, f_c, f_s ~ U(max(0, 1 - a), 1 + a)`` for ``a`` = brightness, contrast, saturation,
+    ``delta ~ U(-hue, hue)``, and a uniformly random order (a strength of 0 gives the identity
+    factor)."""
 
     def factor(v: jax.Array, strength: float) -> jax.Array:
         lo = max(0.0, 1.0 - strength)
@@ -431,41 +395,6 @@ def _jitter_params(
     )
     # The ranks of i.i.d. uniforms form a uniformly random permutation.
     return factors, jnp.argsort(u[4:8]).astype(jnp.int32)
-
-
-def color_jitter(
-    image: jax.Array,
-    key: jax.Array,
-    *,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.4,
-    hue: float = 0.1,
-) -> jax.Array:
-    """SimCLR's random colour jitter of one float ``[H, W, C]`` image in [0, 1].
-
-    Draws ``f_b, f_c, f_s ~ U(max(0, 1 - a), 1 + a)`` for ``a`` = brightness, contrast,
-    saturation, ``delta ~ U(-hue, hue)`` and a uniformly random order, then
-    :func:`apply_color_jitter`. A strength of 0 leaves its operation out.
-
-    Returns:
-      float32 ``[H, W, C]`` in [0, 1].
-    """
-    fn = "color_jitter"
-    for name, value in (
-        ("brightness", brightness),
-        ("contrast", contrast),
-        ("saturation", saturation),
-    ):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{fn}: {name} must be a float >= 0; got {name} = {value!r}.")
-    if isinstance(hue, bool) or not isinstance(hue, (int, float)) or not 0 <= hue <= 0.5:
-        raise ValueError(f"{fn}: hue must be a float in [0, 0.5]; got hue = {hue!r}.")
-    factors, order = _jitter_params(
-        jax.random.uniform(key, (_JITTER_UNIFORMS,)), brightness, contrast, saturation, hue
-    )
-    use_hsv = image.shape[-1] == 3 and (saturation > 0 or hue > 0)
-    return _jitter_in_order(image, factors, order, use_hsv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,23 +417,17 @@ class _ViewConfig:
     std: tuple | None
 
 
-def _view_config(
-    images: Any,
-    fn: str,
-    *,
-    out_size: int | Sequence[int] | None,
-    crop_scale: Sequence[float],
-    crop_ratio: Sequence[float],
-    flip_prob: float,
-    jitter_strength: float,
-    jitter_prob: float,
-    grayscale_prob: float,
-    blur_prob: float,
-    blur_sigma: Sequence[float],
-    solarize_prob: float,
-    mean: float | Sequence[float] | None,
-    std: float | Sequence[float] | None,
-) -> _ViewConfig:
+def _view_config(images: Any, fn: str, settings: dict[str, Any]) -> _ViewConfig:
+    """Checks ``settings`` (keyword arguments of :func:`augment`, the one list of them and of
+    their defaults) against ``images``."""
+    unknown = sorted(set(settings) - set(_VIEW_DEFAULTS))
+    if unknown:
+        raise TypeError(
+            f"{fn}: unknown keyword argument(s) {', '.join(unknown)}; accepted are those of "
+            f"augment: {', '.join(_VIEW_DEFAULTS)}."
+        )
+    s = {**_VIEW_DEFAULTS, **settings}
+    jitter_strength = s["jitter_strength"]
     _check_images(images, fn)
     _, height, width, channels = images.shape
     if (
@@ -517,18 +440,18 @@ def _view_config(
             f"jitter_strength = {jitter_strength!r}."
         )
     return _ViewConfig(
-        out_size=_size(out_size, height, width, "out_size", fn),
-        crop_scale=_pair(crop_scale, "crop_scale", fn, lo=0.0, hi=1.0),
-        crop_ratio=_pair(crop_ratio, "crop_ratio", fn, lo=0.0),
-        flip_prob=_prob(flip_prob, "flip_prob", fn),
+        out_size=_size(s["out_size"], height, width, "out_size", fn),
+        crop_scale=_pair(s["crop_scale"], "crop_scale", fn, lo=0.0, hi=1.0),
+        crop_ratio=_pair(s["crop_ratio"], "crop_ratio", fn, lo=0.0),
+        flip_prob=_prob(s["flip_prob"], "flip_prob", fn),
         jitter_strength=float(jitter_strength),
-        jitter_prob=_prob(jitter_prob, "jitter_prob", fn),
-        grayscale_prob=_prob(grayscale_prob, "grayscale_prob", fn),
-        blur_prob=_prob(blur_prob, "blur_prob", fn),
-        blur_sigma=_pair(blur_sigma, "blur_sigma", fn, lo=0.0),
-        solarize_prob=_prob(solarize_prob, "solarize_prob", fn),
-        mean=_moments(mean, "mean", channels, fn, positive=False),
-        std=_moments(std, "std", channels, fn, positive=True),
+        jitter_prob=_prob(s["jitter_prob"], "jitter_prob", fn),
+        grayscale_prob=_prob(s["grayscale_prob"], "grayscale_prob", fn),
+        blur_prob=_prob(s["blur_prob"], "blur_prob", fn),
+        blur_sigma=_pair(s["blur_sigma"], "blur_sigma", fn, lo=0.0),
+        solarize_prob=_prob(s["solarize_prob"], "solarize_prob", fn),
+        mean=_moments(s["mean"], "mean", channels, fn, positive=False),
+        std=_moments(s["std"], "std", channels, fn, positive=True),
     )
 
 
@@ -651,64 +574,30 @@ def augment(
     Returns:
       float32 ``[B, S_h, S_w, C]``: in [0, 1] before normalisation.
     """
-    cfg = _view_config(
-        images,
-        "augment",
-        out_size=out_size,
-        crop_scale=crop_scale,
-        crop_ratio=crop_ratio,
-        flip_prob=flip_prob,
-        jitter_strength=jitter_strength,
-        jitter_prob=jitter_prob,
-        grayscale_prob=grayscale_prob,
-        blur_prob=blur_prob,
-        blur_sigma=blur_sigma,
-        solarize_prob=solarize_prob,
-        mean=mean,
-        std=std,
-    )
+    settings = {name: value for name, value in locals().items() if name in _VIEW_DEFAULTS}
+    cfg = _view_config(images, "augment", settings)
     return _views(images, _check_sizes(sizes, images, "augment"), key, cfg, 1)[0]
 
 
+# The keyword arguments of augment and two_views, with their defaults: augment's signature
+# (but ``sizes``, an array that comes with each batch).
+_VIEW_DEFAULTS: dict[str, Any] = {
+    name: p.default
+    for name, p in inspect.signature(augment).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "sizes"
+}
+
+
 def two_views(
-    images: jax.Array,
-    key: jax.Array,
-    *,
-    sizes: jax.Array | None = None,
-    out_size: int | Sequence[int] | None = None,
-    crop_scale: Sequence[float] = (0.08, 1.0),
-    crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
-    flip_prob: float = 0.5,
-    jitter_strength: float = 0.5,
-    jitter_prob: float = 0.8,
-    grayscale_prob: float = 0.2,
-    blur_prob: float = 0.0,
-    blur_sigma: Sequence[float] = (0.1, 2.0),
-    solarize_prob: float = 0.0,
-    mean: float | Sequence[float] | None = None,
-    std: float | Sequence[float] | None = None,
+    images: jax.Array, key: jax.Array, *, sizes: jax.Array | None = None, **settings: Any
 ) -> tuple[jax.Array, jax.Array]:
     """Two independent SimCLR views: ``augment`` with each key of ``jax.random.split(key)``.
 
-    Arguments as :func:`augment`. Returns two float32 ``[B, S_h, S_w, C]`` arrays; row ``i`` of
-    the second is the positive of row ``i`` of the first.
+    ``settings`` are the keyword arguments of :func:`augment` (same names, defaults and
+    checks). Returns two float32 ``[B, S_h, S_w, C]`` arrays; row ``i`` of the second is the
+    positive of row ``i`` of the first.
     """
-    cfg = _view_config(
-        images,
-        "two_views",
-        out_size=out_size,
-        crop_scale=crop_scale,
-        crop_ratio=crop_ratio,
-        flip_prob=flip_prob,
-        jitter_strength=jitter_strength,
-        jitter_prob=jitter_prob,
-        grayscale_prob=grayscale_prob,
-        blur_prob=blur_prob,
-        blur_sigma=blur_sigma,
-        solarize_prob=solarize_prob,
-        mean=mean,
-        std=std,
-    )
+    cfg = _view_config(images, "two_views", settings)
     first, second = _views(images, _check_sizes(sizes, images, "two_views"), key, cfg, 2)
     return first, second
 

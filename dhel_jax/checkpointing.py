@@ -19,8 +19,10 @@ and the steps available; nothing is ever overwritten to recover.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +42,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or incompatible with the requested structure."""
 
 
+class WorkdirConflictError(ValueError):
+    """``--workdir`` holds another run: its ``config.json`` differs from the config given."""
+
+
+# Config fields a resumed run may change: where data is read from and how the run logs,
+# checkpoints and is evaluated, none of which changes the parameters it trains.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "data_dir",
+        "data_workers",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "max_checkpoints_to_keep",
+        "eval",
+    }
+)
+
+
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
     """``<workdir>/checkpoints``, absolute (Orbax rejects relative paths, and ``--workdir``
     is usually given relative to the current directory); URLs such as ``gs://`` are kept."""
@@ -55,10 +75,60 @@ def available_steps(workdir: str | os.PathLike) -> list[int]:
     Orbax writes a step into a temporary directory and renames it to ``<step>`` when complete,
     so only integer-named directories count; interrupted saves are ignored.
     """
-    directory = checkpoint_dir(workdir)
+    return _finalised_steps(checkpoint_dir(workdir))
+
+
+def _finalised_steps(directory: epath.Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _save_failed(manager: ocp.CheckpointManager, error: OSError) -> CheckpointError:
+    """The error for a checkpoint write that the file system refused (full, read-only, ...)."""
+    directory = epath.Path(manager.directory)
+    reason = error.strerror or str(error)
+    if error.errno in _NO_SPACE:
+        reason += " (the disk is full, or a quota or file-size limit was reached)"
+    steps = _finalised_steps(directory)
+    kept = (
+        f"the checkpoints saved before, steps {steps}, are intact"
+        if steps
+        else ("no checkpoint had been saved yet")
+    )
+    return CheckpointError(
+        f"cannot write a checkpoint in {directory}: {reason}. Training stopped; {kept}, and "
+        "the unfinished save is ignored on resume. Free space (or make the directory "
+        "writable), then rerun the same command to resume."
+    )
+
+
+def _file_system_error(error: Exception) -> OSError | None:
+    """The file-system error behind a failed write: Python's own ``OSError`` (metadata files),
+    or TensorStore's (array files), a ``ValueError`` such as ``OUT_OF_RANGE: Error writing local
+    file ...: File too large [os_error_code='27']``; ``None`` for anything else."""
+    if isinstance(error, OSError):
+        return error
+    match = re.search(r"os_error_code='?(\d+)", str(error))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code))
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+    """``manager.wait_until_finished()``; a background write refused by the file system
+    raises :class:`CheckpointError` (see :func:`save`)."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        refused = _file_system_error(e)
+        if refused is None:
+            raise
+        raise _save_failed(manager, refused) from e
 
 
 def _describe(workdir: str | os.PathLike) -> str:
@@ -98,18 +168,32 @@ def save(
     data_iterator: grain.DatasetIterator,
     config: ml_collections.ConfigDict,
 ) -> None:
-    """Saves the train state, the data iterator position and the config at ``step``."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            **{
-                STATE: ocp.args.StandardSave(state),
-                DATA: grain.checkpoint.CheckpointSave(data_iterator),
-                CONFIG: ocp.args.JsonSave(config.to_dict()),
-            }
-        ),
-        force=True,
-    )
+    """Saves the train state, the data iterator position and the config at ``step``.
+
+    The write finishes in the background; a failure of it (or of the previous save) surfaces
+    here or in :func:`wait_until_saved`.
+
+    Raises:
+      CheckpointError: the file system refused a write (a full disk, a read-only or
+        unwritable directory); the message names the directory and the intact steps.
+    """
+    try:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    STATE: ocp.args.StandardSave(state),
+                    DATA: grain.checkpoint.CheckpointSave(data_iterator),
+                    CONFIG: ocp.args.JsonSave(config.to_dict()),
+                }
+            ),
+            force=True,
+        )
+    except Exception as e:  # The previous step's background write may fail here.
+        refused = _file_system_error(e)
+        if refused is None:
+            raise
+        raise _save_failed(manager, refused) from e
 
 
 def restore(
@@ -150,10 +234,73 @@ def restore(
 
 
 def write_config_json(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Writes ``<workdir>/config.json`` (indented, for humans)."""
+    """Writes ``<workdir>/config.json`` (indented, for humans), atomically: a failed write
+    (a full disk) leaves the previous file as it was."""
     path = epath.Path(workdir) / CONFIG_FILENAME
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{CONFIG_FILENAME}.tmp")
+    try:
+        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError as e:  # A failed write() does not name its file; say which.
+        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _json_tree(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config as ``config.json`` stores it (tuples become lists)."""
+    return json.loads(json.dumps(config.to_dict(), sort_keys=True))
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
+    """Refuses to train ``config`` in a ``workdir`` that another run's config owns.
+
+    ``<workdir>/config.json`` is written when a run starts; rerunning with the same config
+    resumes that run. Only the :data:`RESUMABLE_FIELDS` may differ. Reads, never writes.
+
+    Raises:
+      WorkdirConflictError: the stored config differs elsewhere (every differing field is
+        named, with the stored and the given value), or cannot be read as JSON.
+    """
+    path = epath.Path(workdir) / CONFIG_FILENAME
+    if not path.exists():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise WorkdirConflictError(
+            f"--workdir {workdir} has a {CONFIG_FILENAME} that cannot be read ({e}); it may "
+            "belong to another program's run. Nothing was changed: use another --workdir."
+        ) from e
+    old, new = _flatten(stored), _flatten(_json_tree(config))
+    differing = sorted(
+        key
+        for key in old.keys() | new.keys()
+        if key.split(".")[0] not in RESUMABLE_FIELDS and old.get(key) != new.get(key)
+    )
+    if differing:
+        shown = "; ".join(
+            f"{key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"
+            for key in differing[:5]
+        )
+        more = f" and {len(differing) - 5} more" if len(differing) > 5 else ""
+        raise WorkdirConflictError(
+            f"--workdir {workdir} holds another run, whose config differs in {shown}{more}. "
+            "Nothing was changed: use another --workdir for this config, or rerun with that "
+            f"run's config (its {CONFIG_FILENAME}) to resume it."
+        )
 
 
 def _to_config(value: Any) -> Any:

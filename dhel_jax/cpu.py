@@ -15,8 +15,8 @@ import os
 #: XLA options that dhel-train and dhel-eval add on CPU-only hosts: route convolutions,
 #: matmuls and reductions to YNNPACK (XLA:CPU's default sends only reductions there, and
 #: ``=dot`` alone sends the reductions back to a slow reduce-window path). Measured in
-#: benchmarks/README_train.md; tests/test_train.py checks that a train step with them equals
-#: one without them within float32 round-off.
+#: benchmarks/README.md ("Training step"); tests/test_train.py checks that a train step with
+#: them equals one without them within float32 round-off.
 CPU_XLA_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "dot,reduce"}
 # The jaxlib series the flags were validated on: an XLA that does not know a flag in XLA_FLAGS
 # aborts at start-up, so on any other jaxlib none is added.

@@ -78,6 +78,8 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
+from dhel_jax._validation import check_int
+
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 """Where Debian's ``dataset-fashion-mnist`` package installs the four IDX ``.gz`` files."""
 
@@ -697,17 +699,11 @@ class _ReadBatch(grain.transforms.Map):
 # Public loaders.
 
 
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}; got {name} = {value!r}.")
-    return int(value)
-
-
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
-    count = _check_int(count, "process_count", 1)
-    index = _check_int(index, "process_index", 0)
+    count = check_int(count, "process_count", minimum=1)
+    index = check_int(index, "process_index", minimum=0)
     if index >= count:
         raise ValueError(
             f"process_index must be in [0, process_count); got process_index = {index}, "
@@ -976,16 +972,16 @@ def make_pretrain_loader(
     """
     info = get_dataset_info(name)
     index, count = _process(process_index, process_count)
-    global_batch_size = _check_int(global_batch_size, "global_batch_size", 1)
+    global_batch_size = check_int(global_batch_size, "global_batch_size", minimum=1)
     if global_batch_size % count:
         raise ValueError(
             f"global_batch_size must be a multiple of process_count; got {global_batch_size} "
             f"for {count} processes."
         )
     if num_epochs is not None:
-        num_epochs = _check_int(num_epochs, "num_epochs", 1)
-    seed = _check_int(seed, "seed", 0)
-    worker_count = _check_int(worker_count, "worker_count", 0)
+        num_epochs = check_int(num_epochs, "num_epochs", minimum=1)
+    seed = check_int(seed, "seed", minimum=0)
+    worker_count = check_int(worker_count, "worker_count", minimum=0)
     local_batch = global_batch_size // count
 
     sources = _open_splits(info, _as_splits(info, splits), data_dir, local_dir, network_timeout)

@@ -39,8 +39,8 @@ Linear-probe protocols (hyper-parameters recorded in ``eval.json``):
   encoder, trained with SGD (momentum 0.9, learning rate 0.1 with cosine decay to 0, no weight
   decay, batch 256, 100 epochs) on features computed on the fly from randomly cropped
   (the run's ``crop_scale`` / ``crop_ratio``) and flipped train images, tested on the evaluation
-  transform. 100 encoder passes over the train split: 11-13 minutes on 2 CPU cores for the
-  Fashion-MNIST default (benchmarks/README_eval.md); opt-in.
+  transform. 100 encoder passes over the train split, minutes on a CPU (benchmarks/README.md,
+  "Evaluation"); opt-in.
 
 The settings come from the run's ``config.eval`` (``protocol``, ``knn_k``, ``knn_temperature``,
 and any other :class:`EvalSettings` field it holds), then from the caller's overrides.
@@ -100,6 +100,7 @@ from etils import epath
 from jax.sharding import Mesh
 
 from dhel_jax import augment, baselines, checkpointing, data, metrics, parallel, probes, train
+from dhel_jax._validation import check_int, check_number
 
 Array = jax.Array
 
@@ -187,19 +188,6 @@ def _view_outputs(
 
 def _mesh_or_default(mesh: Mesh | None) -> Mesh:
     return parallel.data_mesh(jax.local_devices()) if mesh is None else mesh
-
-
-def _check_int(value: Any, name: str, fn: str, minimum: int = 1) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}; got {value!r}.")
-
-
-def _check_real(value: Any, name: str, fn: str, *, positive: bool) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or not (value > 0 if positive else value >= 0):
-        raise ValueError(
-            f"{fn}: {name} must be a number {'>' if positive else '>='} 0; got {value!r}."
-        )
 
 
 def _map_batches(
@@ -317,7 +305,7 @@ def _extract(
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """:func:`extract_features` and the labels read with the images."""
     source = data.as_source(images, fn)
-    _check_int(batch_size, "batch_size", fn)
+    check_int(batch_size, "batch_size", fn=fn)
     transform = tuple(sorted((transform_kwargs or {}).items()))
     apply = functools.partial(_eval_outputs, model=model, transform=transform)
     return _map_batches(
@@ -346,7 +334,7 @@ def extract_view_features(
     """
     fn = "extract_view_features"
     source = data.as_source(images, fn)
-    _check_int(batch_size, "batch_size", fn)
+    check_int(batch_size, "batch_size", fn=fn)
     kwargs = tuple(sorted(dict(augment_kwargs).items()))
     apply = functools.partial(_view_outputs, model=model, view_kwargs=kwargs, seed=int(seed))
     out, _ = _map_batches(
@@ -363,6 +351,7 @@ _rank = jax.jit(metrics.rank, static_argnames=("tol",))
 _alignment = jax.jit(metrics.alignment)
 _uniformity = jax.jit(metrics.uniformity, static_argnames=("block_size",))
 _wasserstein = jax.jit(metrics.wasserstein_uniformity, static_argnames=("block_size",))
+_pair_histogram = jax.jit(metrics.pair_cosine_histogram, static_argnames=("num_bins", "block_size"))
 
 
 def geometry(
@@ -390,7 +379,7 @@ def geometry(
             f"{fn}: features must be an (N, d) array with N >= 2; got shape "
             f"{getattr(features, 'shape', None)}."
         )
-    _check_int(pair_examples, "pair_examples", fn, minimum=2)
+    check_int(pair_examples, "pair_examples", fn=fn, minimum=2)
     x = jnp.asarray(features)
     n = min(int(pair_examples), x.shape[0])
     pairs = x[:n]
@@ -481,16 +470,16 @@ def paper_linear_probe(
             # One CPU device already uses every core.
             devices = devices[:1]
         mesh = parallel.data_mesh(devices)
-    _check_int(epochs, "epochs", fn)
-    _check_int(batch_size, "batch_size", fn)
+    check_int(epochs, "epochs", fn=fn)
+    check_int(batch_size, "batch_size", fn=fn)
     if batch_size % mesh.devices.size or batch_size > n:
         raise ValueError(
             f"{fn}: batch_size = {batch_size} must be a multiple of the {mesh.devices.size} "
             f"devices and at most the {n} train images."
         )
-    _check_real(learning_rate, "learning_rate", fn, positive=True)
-    _check_real(momentum, "momentum", fn, positive=False)
-    _check_real(weight_decay, "weight_decay", fn, positive=False)
+    check_number(learning_rate, "learning_rate", fn=fn, strict=True)
+    check_number(momentum, "momentum", fn=fn)
+    check_number(weight_decay, "weight_decay", fn=fn)
     train_labels = np.asarray(train_labels, np.int32)
     test_labels = np.asarray(test_labels, np.int32)
     for name, labels in (("train_labels", train_labels), ("test_labels", test_labels)):
@@ -621,7 +610,7 @@ class EvalSettings:
       protocol: linear-probe protocol, ``"fast"`` or ``"paper"``.
       knn_k, knn_temperature, knn_chunk_size: ``probes.knn_accuracy`` arguments.
       batch_size: images per feature-extraction step (global, over the devices). On a 2-core
-        CPU, 256 (128 per device) extracts 1.7x faster than 1024 (``benchmarks/README_eval.md``);
+        CPU, 256 (128 per device) extracts faster than 1024 (``benchmarks/README.md``);
         on an accelerator a larger batch may pay.
       geometry_examples: the first this many test images give the pair metrics and alignment.
       rank_tol: ``metrics.rank`` tolerance.
@@ -649,11 +638,11 @@ class EvalSettings:
                 f"{', '.join(map(repr, PROTOCOLS))}."
             )
         for name in ("knn_k", "knn_chunk_size", "batch_size"):
-            _check_int(getattr(self, name), name, fn)
-        _check_int(self.geometry_examples, "geometry_examples", fn, minimum=2)
-        _check_int(self.seed, "seed", fn, minimum=0)
+            check_int(getattr(self, name), name, fn=fn)
+        check_int(self.geometry_examples, "geometry_examples", fn=fn, minimum=2)
+        check_int(self.seed, "seed", fn=fn, minimum=0)
         for name in ("knn_temperature", "rank_tol"):
-            _check_real(getattr(self, name), name, fn, positive=True)
+            check_number(getattr(self, name), name, fn=fn, strict=True)
         for name, defaults in (
             ("fast_probe", FAST_PROBE_DEFAULTS),
             ("paper_probe", PAPER_PROBE_DEFAULTS),
@@ -708,36 +697,6 @@ def settings_from_config(config: ml_collections.ConfigDict, **overrides: Any) ->
 
 # ----------------------------------------------------------------------------------------------
 # Plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend change).
-
-
-def sphere_cosine_density(s: np.ndarray, d: int) -> np.ndarray:
-    """Density of ``u . v`` for u, v independent and uniform on the unit sphere of R^d:
-    ``Gamma(d/2) / (sqrt(pi) Gamma((d-1)/2)) (1 - s^2)^((d-3)/2)`` on (-1, 1) (docs/spec.md
-    ``wasserstein_uniformity``); 0 outside."""
-    if not isinstance(d, numbers.Integral) or d < 2:
-        raise ValueError(f"sphere_cosine_density: needs dimension d >= 2; got d = {d!r}.")
-    s = np.asarray(s, np.float64)
-    log_c = math.lgamma(d / 2) - 0.5 * math.log(math.pi) - math.lgamma((d - 1) / 2)
-    inside = np.abs(s) < 1
-    safe = np.where(inside, 1 - s * s, 1.0)
-    return np.where(inside, np.exp(log_c + 0.5 * (d - 3) * np.log(safe)), 0.0)
-
-
-def pair_cosine_histogram(x: np.ndarray, edges: np.ndarray, *, block: int = 512) -> np.ndarray:
-    """Counts of ``{u_i . u_j : i < j}`` (rows L2-normalised) in the bins ``edges``, computed
-    in row blocks (no (N, N) matrix)."""
-    u = np.asarray(x, np.float64)
-    u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
-    counts = np.zeros(len(edges) - 1, np.int64)
-    n = len(u)
-    for start in range(0, n - 1, block):
-        stop = min(start + block, n)
-        sims = u[start:stop] @ u[start + 1 :].T
-        # Row i of the block pairs with columns j > i only (column c is example start + 1 + c).
-        rows = np.arange(stop - start)[:, None]
-        cols = np.arange(n - start - 1)[None, :]
-        counts += np.histogram(sims[cols >= rows], bins=edges)[0]
-    return counts
 
 
 def _save_figure(fig: Any, path: epath.Path) -> None:
@@ -796,11 +755,17 @@ def plot_cosine_histograms(
     centres = (edges[:-1] + edges[1:]) / 2
     grid = np.linspace(-1.0, 1.0, 2001)
     for ax, (name, x) in zip(axes, embeddings.items(), strict=True):
-        counts = pair_cosine_histogram(x, edges)
+        counts = np.asarray(_pair_histogram(x, num_bins=num_bins, block_size=512))
         density = counts / max(counts.sum(), 1) / np.diff(edges)
         ax.bar(centres, density, width=np.diff(edges), alpha=0.6, label=f"{name} pairs")
         d = x.shape[1]
-        ax.plot(grid, sphere_cosine_density(grid, d), "k-", lw=1.2, label=f"uniform on S^{d - 1}")
+        ax.plot(
+            grid,
+            metrics.sphere_cosine_density(grid, d),
+            "k-",
+            lw=1.2,
+            label=f"uniform on S^{d - 1}",
+        )
         ax.set_xlim(-1, 1)
         ax.set_xlabel("cosine similarity")
         ax.set_ylabel("density")

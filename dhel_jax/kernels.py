@@ -32,14 +32,15 @@ Array = jax.Array
 KernelFn = Callable[[Array, Array], Array]
 
 
-def _neg_power(r2: Array, p: Array) -> Array:
-    """``-r^p = -(r2)^(p/2)`` for p > 0, with value and gradient 0 at r2 = 0."""
+def power(r2: Array, p: Array) -> Array:
+    """``r^p = (r2)^(p/2)`` for p > 0, with value and gradient 0 at r2 = 0 (kernels and
+    ``metrics.alignment``)."""
     pos = r2 > 0
     safe = jnp.where(pos, r2, 1.0)
-    return jnp.where(pos, -(safe ** (p / 2)), 0.0)
+    return jnp.where(pos, safe ** (p / 2), 0.0)
 
 
-def _inv_power(r2: Array, s: Array) -> Array:
+def inverse_power(r2: Array, s: Array) -> Array:
     """``r^{-s} = r2^(-s/2)`` for s > 0 (infinite at coincident points, as it should be)."""
     return r2 ** (-s / 2)
 
@@ -66,7 +67,7 @@ def imq(r2: Array, t: Array) -> Array:
 
 def riesz(r2: Array, s: Array) -> Array:
     """Riesz kernel for s < 0: ``-r^{|s|}``."""
-    return _neg_power(r2, -s)
+    return -power(r2, -s)
 
 
 def gaussian_alignment_t2(r2: Array, t: Array) -> Array:
@@ -124,5 +125,5 @@ def get_kernel(name: str, t: float | Array) -> Kernel:
         return Kernel(name, riesz, riesz)
     if t == 0:
         raise ValueError("kcl: kernel 'gaussian_riesz' needs s = t != 0; got t = 0.")
-    signed: KernelFn = _inv_power if t > 0 else riesz
+    signed: KernelFn = inverse_power if t > 0 else riesz
     return Kernel(name, signed, gaussian_alignment_t2)

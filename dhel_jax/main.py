@@ -29,6 +29,7 @@ the host into one device per core (inference needs no collectives, and runs fast
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import re
@@ -67,19 +68,33 @@ _CPU_DEVICES = flags.DEFINE_string(
     "cpu_devices",
     "1",
     "CPU-only runs: number of XLA host devices to shard the batch over ('1': one device whose "
-    "ops use every core, the faster choice on 2 cores (benchmarks/README_train.md); 'auto': the "
+    "ops use every core, the faster choice on 2 cores (benchmarks/README.md); 'auto': the "
     "largest divisor of the batch size <= the number of cores). Ignored when XLA_FLAGS sets "
     f"{_DEVICE_COUNT_FLAG} or an accelerator is present.",
 )
 
 
-def _tpu_chips_present() -> bool:
-    try:
-        from jax._src import hardware_utils
+# Cloud TPU chips on the PCI bus: Google's vendor id and the device ids of TPU v3 to TPU7x (the
+# table JAX itself reads). A newer generation missing here is still found by
+# ``--distributed=true`` or ``JAX_COORDINATOR_ADDRESS``.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
 
-        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except Exception:  # noqa: BLE001 - a private helper: absent or changed means "unknown".
-        return False
+
+def _tpu_chips_present(pci_devices: str = "/sys/bus/pci/devices") -> bool:
+    """Whether a TPU chip sits on this host's PCI bus (read from sysfs, before any JAX backend
+    starts; ``False`` where sysfs is absent)."""
+    for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() != _GOOGLE_PCI_VENDOR:
+                    continue
+            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
+                if f.read().strip() in _TPU_PCI_DEVICES:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _multiprocess_environment() -> bool:
@@ -124,9 +139,16 @@ def _configure_cpu_backend(batch_size: int, default_devices: str = "1") -> None:
 
 
 class _OwnInfoOnly(logging.Filter):
-    """Keeps INFO records of dhel_jax only (Orbax logs every save at INFO), and every warning."""
+    """Keeps INFO records of dhel_jax only (Orbax logs every save at INFO), and every warning.
+
+    Orbax's ERROR records go too, unless DHEL_JAX_TRACEBACK is set: each is a failed
+    background write, logged with its traceback by every thread that sees it, and re-raised
+    to the training loop, which reports it once (as a ``CheckpointError``).
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and "/orbax/" in record.pathname:
+            return _traceback_requested()
         return record.levelno >= logging.WARNING or "dhel_jax" in record.pathname
 
 
@@ -153,14 +175,16 @@ def _write_error(prog: str, message: str) -> None:
     sys.stderr.flush()
 
 
-def _exit_with_error(prog: str, error: BaseException, status: int) -> None:
-    """Reports ``error`` with :func:`_write_error`, then raises :class:`_ErrorExit` with
-    ``status`` (or, with ``DHEL_JAX_TRACEBACK=1``, re-raises ``error`` with its traceback).
-    Callers only get here after the training loop's ``finally`` has waited for and closed
-    every checkpoint write."""
+def _exit_with_error(
+    prog: str, error: BaseException, status: int, message: str | None = None
+) -> None:
+    """Reports ``message`` (default: ``str(error)``) with :func:`_write_error`, then raises
+    :class:`_ErrorExit` with ``status`` (or, with ``DHEL_JAX_TRACEBACK=1``, re-raises ``error``
+    with its traceback). Callers only get here after the training loop's ``finally`` has waited
+    for and closed every checkpoint write."""
     if _traceback_requested():
         raise error
-    _write_error(prog, str(error))
+    _write_error(prog, str(error) if message is None else message)
     raise _ErrorExit(status) from None
 
 
@@ -237,9 +261,21 @@ def _train(argv: list[str]) -> None:
         checkpointing.CheckpointError,
         data.DatasetUnavailableError,
         train.NonFiniteLossError,
-        OSError,  # e.g. an unwritable or full --workdir; the message names the path
     ) as e:
         _exit_with_error("dhel-train", e, EXIT_FAILURE)
+    except OSError as e:  # an unwritable or full --workdir (logs, config.json)
+        _exit_with_error("dhel-train", e, EXIT_FAILURE, _file_system_message(e, "--workdir"))
+
+
+def _file_system_message(error: OSError, where: str) -> str:
+    """What a refused write means and what to do: ``[Errno 28] No space left on device:
+    'runs/x/metrics.jsonl'`` becomes ``cannot write runs/x/metrics.jsonl: No space left on
+    device. Free space ...``."""
+    what = f" {error.filename}" if error.filename is not None else f" in the {where}"
+    return (
+        f"cannot write{what}: {error.strerror or error}. Free space or make it writable, or "
+        f"choose another {where}; checkpoints already saved are unchanged."
+    )
 
 
 def _fail(message: str) -> None:
@@ -323,8 +359,8 @@ def _eval(argv: list[str]) -> None:
             "dhel-eval reads the run's config from its checkpoint; --config is for dhel-train."
         )
     absl_logging.get_absl_handler().addFilter(_OwnInfoOnly())
-    # Inference has no collectives: one device per core extracts features ~1.5x faster on 2
-    # cores than one device using both (benchmarks/README_eval.md).
+    # Inference has no collectives: one device per core extracts features faster on 2 cores
+    # than one device using both (benchmarks/README.md, "Evaluation").
     _configure_cpu_backend(_EVAL_BATCH_SIZE, default_devices="auto")
     # Only now may JAX start its backends (XLA_FLAGS are read then).
     from dhel_jax import checkpointing, data, evaluate
@@ -345,6 +381,8 @@ def _eval(argv: list[str]) -> None:
         _exit_with_error("dhel-eval", e, EXIT_USAGE)
     except (checkpointing.CheckpointError, data.DatasetUnavailableError) as e:
         _exit_with_error("dhel-eval", e, EXIT_FAILURE)
+    except OSError as e:  # an unwritable or full --out_dir (eval.json, plots)
+        _exit_with_error("dhel-eval", e, EXIT_FAILURE, _file_system_message(e, "--out_dir"))
     print(evaluate.summary(results))
 
 

@@ -26,8 +26,11 @@ from dhel_jax._validation import (
     check_block_size,
     check_embeddings,
     check_global_batch,
+    check_int,
+    check_pair,
     check_positive,
 )
+from dhel_jax.kernels import inverse_power, power
 from dhel_jax.pairwise import (
     AxisName,
     accumulation_dtype,
@@ -44,12 +47,6 @@ from dhel_jax.pairwise import (
 Array = jax.Array
 
 
-def _safe_power(r2: Array, p: Array) -> Array:
-    """``r^p = r2^(p/2)`` with value and gradient 0 at r2 = 0 (p > 0)."""
-    pos = r2 > 0
-    return jnp.where(pos, jnp.where(pos, r2, 1.0) ** (p / 2), 0.0)
-
-
 @partition_explicit_axes
 def alignment(x: Array, y: Array, *, alpha: float = 2.0, axis_name: AxisName = None) -> Array:
     """``mean_i |x_i - y_i|^alpha`` of the normalised rows (docs/spec.md ``alignment``).
@@ -59,18 +56,12 @@ def alignment(x: Array, y: Array, *, alpha: float = 2.0, axis_name: AxisName = N
       alpha: exponent, > 0.
     """
     fn = "alignment"
-    check_embeddings(x, "x", fn=fn)
-    check_embeddings(y, "y", fn=fn)
-    if tuple(x.shape) != tuple(y.shape):
-        raise ValueError(
-            f"{fn}: x and y must have the same shape (M, d); "
-            f"got {tuple(x.shape)} and {tuple(y.shape)}."
-        )
+    check_pair(x, y, fn=fn, names=("x", "y"))
     check_positive(alpha, "alpha", fn=fn)
     acc = accumulation_dtype(x.dtype)
     diff = l2_normalize(x).astype(acc) - l2_normalize(y).astype(acc)
     r2 = jnp.sum(diff * diff, axis=-1)
-    per_row = r2 if alpha == 2 else _safe_power(r2, jnp.asarray(alpha, acc))
+    per_row = r2 if alpha == 2 else power(r2, jnp.asarray(alpha, acc))
     return global_sum(per_row, axis_name) / (x.shape[0] * axis_size(axis_name))
 
 
@@ -207,10 +198,6 @@ def rank(
 # --------------------------------------------------------------------------- energies
 
 
-def _riesz(r2: Array, s: Array) -> Array:
-    return r2 ** (-s / 2)
-
-
 def _log_energy(r2: Array, _: Array) -> Array:
     return -0.5 * jnp.log(r2)
 
@@ -243,7 +230,7 @@ def hyperspherical_energy(
     acc = accumulation_dtype(x.dtype)
     u = _unit_rows(x)
     u_all, ids = gather_candidates(u, axis_name)
-    f = _log_energy if s == 0 else _riesz
+    f = _log_energy if s == 0 else inverse_power
     row_sums, _ = pairwise_reduce(
         u,
         u_all,
@@ -296,6 +283,18 @@ _GL2 = (0.5 - 0.5 / math.sqrt(3.0), 0.5 + 0.5 / math.sqrt(3.0))
 def _log_sphere_constant(d: int) -> float:
     """``log c_d``, ``c_d = Gamma(d/2) / (sqrt(pi) Gamma((d-1)/2))``: the density of u.v at 0."""
     return math.lgamma(d / 2) - math.lgamma((d - 1) / 2) - 0.5 * math.log(math.pi)
+
+
+def sphere_cosine_density(s: Any, d: int) -> np.ndarray:
+    """Density of ``u . v`` for u, v independent and uniform on the unit sphere of R^d:
+    ``c_d (1 - s^2)^((d-3)/2)`` on (-1, 1) (docs/spec.md ``wasserstein_uniformity``), 0 outside;
+    NumPy float64 (for plots and references)."""
+    if not isinstance(d, numbers.Integral) or d < 2:
+        raise ValueError(f"sphere_cosine_density: needs dimension d >= 2; got d = {d!r}.")
+    s = np.asarray(s, np.float64)
+    inside = np.abs(s) < 1
+    safe = np.where(inside, 1 - s * s, 1.0)
+    return np.where(inside, np.exp(_log_sphere_constant(d) + 0.5 * (d - 3) * np.log(safe)), 0.0)
 
 
 def _angle_density(psi: Array, d: int, log_c: float) -> Array:
@@ -403,8 +402,9 @@ def _masked_min_max(s: Array, valid: Array):
     return jnp.min(jnp.where(valid, s, jnp.inf)), jnp.max(jnp.where(valid, s, -jnp.inf))
 
 
-def _exact_pair_histogram(u, axis_name, global_m, num_bins, block_size):
-    """Histogram of all pairs i < j of the (global) rows; this device handles its own rows."""
+def _exact_pair_histogram(u, axis_name, global_m, num_bins, block_size, value_range=None):
+    """Histogram of all pairs i < j of the (global) rows; this device handles its own rows.
+    The bins span the pairs' range, or ``value_range = (lo, hi)`` when given."""
     u_all, row_ids = gather_candidates(u, axis_name)
     cols = u if u_all is None else u_all
     col_ids = jnp.arange(global_m, dtype=jnp.int32)
@@ -414,10 +414,12 @@ def _exact_pair_histogram(u, axis_name, global_m, num_bins, block_size):
         jnp.zeros((num_bins,), jnp.int32) + zero.astype(jnp.int32),
         jnp.zeros((num_bins,), u.dtype) + zero,
     )
+    if value_range is not None:
+        lo, hi = (jnp.asarray(v, u.dtype) + zero for v in value_range)
     if block_size is None:
         s, valid = _pair_block(u, row_ids, cols, col_ids)
-        lo, hi = _masked_min_max(s, valid)
-        lo, hi = _global_min_max(lo, hi, axis_name)
+        if value_range is None:
+            lo, hi = _global_min_max(*_masked_min_max(s, valid), axis_name)
         hist = _histogram_add(*zeros, s, valid, lo, hi)
     else:
         # Two streaming passes (range, then histogram) over row blocks: memory
@@ -431,9 +433,10 @@ def _exact_pair_histogram(u, axis_name, global_m, num_bins, block_size):
             lo_blk, hi_blk = _masked_min_max(*_pair_block(tile[0], tile[1], cols, col_ids))
             return (jnp.minimum(carry[0], lo_blk), jnp.maximum(carry[1], hi_blk)), None
 
-        inf = jnp.asarray(jnp.inf, u.dtype) + zero
-        (lo, hi), _ = jax.lax.scan(range_step, (inf, -inf), (row_tiles, id_tiles))
-        lo, hi = _global_min_max(lo, hi, axis_name)
+        if value_range is None:
+            inf = jnp.asarray(jnp.inf, u.dtype) + zero
+            (lo, hi), _ = jax.lax.scan(range_step, (inf, -inf), (row_tiles, id_tiles))
+            lo, hi = _global_min_max(lo, hi, axis_name)
 
         def hist_step(carry, tile):
             s, valid = _pair_block(tile[0], tile[1], cols, col_ids)
@@ -468,15 +471,23 @@ def _sampled_pair_histogram(u, axis_name, global_m, num_bins, num_pairs, key):
     return _histogram_add(*zeros, s, valid, lo, hi), lo, hi
 
 
-def _check_count(value: Any, name: str, *, fn: str, upper: int) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or not 1 <= int(value) <= upper
-    ):
-        raise ValueError(
-            f"{fn}: {name} must be an integer in [1, {upper}]; got {name} = {value!r}."
-        )
+def pair_cosine_histogram(x: Array, *, num_bins: int, block_size: int | None = None) -> Array:
+    """Counts of the pair cosines ``{u_i . u_j : i < j}`` (rows L2-normalised) in ``num_bins``
+    equal bins over [-1, 1] (the last bin includes 1), as ``wasserstein_uniformity`` bins
+    them; ``block_size`` rows at a time (no (M, M) matrix).
+
+    Returns:
+      int32 ``(num_bins,)``.
+    """
+    fn = "pair_cosine_histogram"
+    global_m = _check_metric_input(x, fn, None)
+    check_int(num_bins, "num_bins", fn=fn, maximum=2**28)
+    check_block_size(block_size, fn=fn)
+    u = jax.lax.stop_gradient(_unit_rows(x))
+    (counts, _), _, _ = _exact_pair_histogram(
+        u, None, global_m, num_bins, block_size, value_range=(-1.0, 1.0)
+    )
+    return counts
 
 
 def wasserstein_uniformity(
@@ -521,7 +532,7 @@ def wasserstein_uniformity(
             f"{fn}: needs embedding dimension d >= 2 (the law of u.v on the sphere of R^d); "
             f"got shape {tuple(x.shape)}."
         )
-    _check_count(num_bins, "num_bins", fn=fn, upper=2**28)
+    check_int(num_bins, "num_bins", fn=fn, maximum=2**28)
     check_block_size(block_size, fn=fn)
     if num_pairs is None:
         if key is not None:
@@ -533,7 +544,7 @@ def wasserstein_uniformity(
                 f"counts); pass num_pairs=... and key=... to subsample pairs."
             )
     else:
-        _check_count(num_pairs, "num_pairs", fn=fn, upper=_MAX_PAIRS)
+        check_int(num_pairs, "num_pairs", fn=fn, maximum=_MAX_PAIRS)
         if key is None:
             raise ValueError(
                 f"{fn}: num_pairs = {num_pairs} subsamples pairs at random and needs an explicit "

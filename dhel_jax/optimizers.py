@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax
 
-from dhel_jax._validation import check_choice
+from dhel_jax._validation import check_choice, check_int, check_number
 
 OPTIMIZERS = ("lars", "sgd", "adamw")
 LR_SCALINGS = ("linear", "sqrt", "none")
@@ -68,11 +67,11 @@ def lr_schedule(
     """
     fn = "lr_schedule"
     check_choice(lr_scaling, "lr_scaling", LR_SCALINGS, fn=fn)
-    _check_number(base_lr, "base_lr", fn=fn, minimum=0.0, strict=True)
-    _check_int(batch_size, "batch_size", fn=fn, minimum=1)
-    _check_int(total_steps, "total_steps", fn=fn, minimum=1)
-    _check_int(warmup_steps, "warmup_steps", fn=fn, minimum=0)
-    _check_number(end_value, "end_value", fn=fn, minimum=0.0)
+    check_number(base_lr, "base_lr", fn=fn, minimum=0.0, strict=True)
+    check_int(batch_size, "batch_size", fn=fn, minimum=1)
+    check_int(total_steps, "total_steps", fn=fn, minimum=1)
+    check_int(warmup_steps, "warmup_steps", fn=fn, minimum=0)
+    check_number(end_value, "end_value", fn=fn, minimum=0.0)
     if warmup_steps >= total_steps:
         raise ValueError(
             f"{fn}: warmup_steps must be < total_steps (the cosine phase needs at least one "
@@ -124,9 +123,9 @@ def make_optimizer(
     """
     fn = "make_optimizer"
     check_choice(name, "optimizer name", OPTIMIZERS, fn=fn)
-    _check_number(weight_decay, "weight_decay", fn=fn, minimum=0.0)
+    check_number(weight_decay, "weight_decay", fn=fn, minimum=0.0)
     if not callable(learning_rate):
-        _check_number(learning_rate, "learning_rate", fn=fn, minimum=0.0)
+        check_number(learning_rate, "learning_rate", fn=fn, minimum=0.0)
     if name == "lars":
         return optax.lars(
             learning_rate,
@@ -143,19 +142,3 @@ def make_optimizer(
             optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov),
         )
     return optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
-
-
-def _check_number(value: Any, name: str, *, fn: str, minimum: float, strict: bool = False) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value > minimum if strict else value >= minimum
-    if not ok:
-        relation = ">" if strict else ">="
-        raise ValueError(
-            f"{fn}: {name} must be a finite number {relation} {minimum}; got {value!r}."
-        )
-
-
-def _check_int(value: Any, name: str, *, fn: str, minimum: int) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{fn}: {name} must be an integer >= {minimum}; got {value!r}.")

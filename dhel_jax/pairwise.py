@@ -225,29 +225,21 @@ def vma_zero(*trees, dtype) -> Array:
     return zero
 
 
-def _varying_axes(x) -> frozenset:
-    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
+def _common_varying(trees, *others):
+    """``trees`` with every leaf cast to the union of the varying mesh axes of ``trees`` and
+    ``others`` (a no-op outside ``shard_map``), by adding :func:`vma_zero`.
 
-
-def _match_varying(ct: Array, primal: Array) -> Array:
-    """Gives a cotangent the varying-axes type of its primal.
-
-    A primal replicated over an axis (e.g. a temperature) gets the sum of the
-    per-device cotangents; a varying primal with an invariant cotangent gets it
-    cast to varying.
+    The tiled path casts its inputs so before its custom VJP: inside it every primal then has
+    one type, and JAX transposes the casts outside it (a ``psum`` of the cotangent of a
+    replicated input such as a temperature). Public API only: no varying-axes type is read.
     """
-    extra = _varying_axes(ct) - _varying_axes(primal)
-    if extra:
-        ct = lax.psum(ct, tuple(sorted(extra, key=str)))
-    missing = _varying_axes(primal) - _varying_axes(ct)
-    if missing:
-        ct = lax.pcast(ct, tuple(sorted(missing, key=str)), to="varying")
-    return ct
+    return jax.tree.map(lambda x: x + vma_zero(trees, *others, dtype=x.dtype), trees)
+
+
+def _as_varying_as(ct: Array, primal: Array) -> Array:
+    """Gives a cotangent at least the varying axes of its primal (a cotangent computed only
+    from invariant values, such as zeros, is cast to varying)."""
+    return ct + vma_zero(primal, dtype=ct.dtype)
 
 
 def _tiles(x: Array, block: int) -> Array:
@@ -379,8 +371,8 @@ def _tiled_bwd(f, reduce, argument, block, symmetric, res, cts):
     ga, gb, p_bar = _tiled_backward(
         a, b, params, exclude, red, g, f, reduce, argument, block, symmetric
     )
-    p_bar = jax.tree.map(_match_varying, p_bar, params)
-    return _match_varying(ga, a), _match_varying(gb, b), p_bar, tuple(None for _ in exclude)
+    p_bar = jax.tree.map(_as_varying_as, p_bar, params)
+    return _as_varying_as(ga, a), _as_varying_as(gb, b), p_bar, tuple(None for _ in exclude)
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
@@ -429,6 +421,7 @@ def pairwise_reduce(
         red, rowmax = _dense_self(a, params, exclude, f, reduce, argument)
     else:
         b = a if symmetric else b
+        a, b, params = _common_varying((a, b, params), exclude)
         red, rowmax = _tiled(a, b, params, exclude, f, reduce, argument, int(block_size), symmetric)
     return red, (lax.stop_gradient(rowmax) if reduce == "lse" else None)
 
@@ -520,9 +513,3 @@ def global_sum(x: Array, axis_name: AxisName) -> Array:
     """``sum(x)`` over this device's entries and every device along ``axis_name``."""
     total = jnp.sum(x)
     return total if axis_name is None else lax.psum(total, axis_name)
-
-
-def global_max(x: Array, axis_name: AxisName) -> Array:
-    """``max(x)`` over this device's entries and every device along ``axis_name``."""
-    top = jnp.max(x)
-    return top if axis_name is None else lax.pmax(top, axis_name)

@@ -1,7 +1,7 @@
 """Device meshes and global-batch evaluation of the losses.
 
-Two ways to evaluate a loss on a batch sharded over many devices (README,
-"Scaling"):
+Two ways to evaluate a loss on a batch sharded over many devices
+(docs/scaling.md):
 
 * ``jax.jit`` on arrays with a ``NamedSharding`` over a ``('data',)`` mesh:
   call the loss as if on one device; XLA partitions it and inserts the
@@ -9,11 +9,14 @@ Two ways to evaluate a loss on a batch sharded over many devices (README,
 * ``sharded_loss(loss_fn, mesh)``: an explicit ``jax.shard_map`` in which
   each device computes only its (M_local x M_global) block against the
   all-gathered embeddings, via the losses' ``axis_name`` argument.
+
+``prefetch_to_device`` places host batches on the mesh ahead of the step that reads them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import collections
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -81,3 +84,34 @@ def sharded_loss(
         )
 
     return global_loss
+
+
+def prefetch_to_device(
+    batches: Iterable[Mapping[str, np.ndarray]], sharding: NamedSharding, size: int = 2
+) -> Iterator[dict[str, jax.Array]]:
+    """Yields each host batch as global arrays placed by ``sharding``, transferred ahead.
+
+    Each batch is this process's part of the global batch
+    (``jax.make_array_from_process_local_data``). Up to ``size`` batches are on the devices at
+    once: with ``size = 2`` (double buffering) the transfer of batch k + 1 is issued before
+    batch k is handed out, so it overlaps step k instead of following it. The source iterator is
+    read ``size - 1`` batches ahead of the consumer: a checkpoint of its state taken in between
+    would skip those batches.
+
+    Raises:
+      ValueError: ``size`` is not an integer >= 1.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"prefetch_to_device: size must be an integer >= 1; got {size!r}.")
+    queue: collections.deque[dict[str, jax.Array]] = collections.deque()
+    for batch in batches:
+        queue.append(
+            {
+                k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+                for k, v in batch.items()
+            }
+        )
+        if len(queue) == size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from dhel_jax._validation import check_embeddings, check_positive
+from dhel_jax._validation import check_embeddings, check_int, check_optional_int, check_positive
 from dhel_jax.pairwise import accumulation_dtype, l2_normalize
 
 Array = jax.Array
@@ -44,15 +44,7 @@ DEFAULT_L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 
 
 def _check_num_classes(num_classes: Any, *, fn: str) -> None:
-    if (
-        not isinstance(num_classes, numbers.Integral)
-        or isinstance(num_classes, bool)
-        or num_classes < 2
-    ):
-        raise ValueError(
-            f"{fn}: num_classes must be an integer >= 2 (a classifier needs two classes); "
-            f"got num_classes = {num_classes!r}."
-        )
+    check_int(num_classes, "num_classes", fn=fn, minimum=2, reason="a classifier needs two classes")
 
 
 def _check_labels(labels: Any, name: str, num_rows: int, num_classes: int, *, fn: str) -> None:
@@ -86,11 +78,6 @@ def _check_same_dim(a: Any, b: Any, name_a: str, name_b: str, *, fn: str) -> Non
             f"{fn}: {name_a} and {name_b} must have the same feature dimension; "
             f"got {tuple(a.shape)} and {tuple(b.shape)}."
         )
-
-
-def _check_positive_int(value: Any, name: str, *, fn: str) -> None:
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{fn}: {name} must be a positive integer; got {name} = {value!r}.")
 
 
 # --------------------------------------------------------------------------- linear probe
@@ -269,9 +256,8 @@ def fit_linear_probe(
         )
     if not (isinstance(val_fraction, numbers.Real) and 0 < val_fraction < 1):
         raise ValueError(f"{fn}: val_fraction must lie in (0, 1); got {val_fraction!r}.")
-    if max_search_examples is not None:
-        _check_positive_int(max_search_examples, "max_search_examples", fn=fn)
-    _check_positive_int(max_steps, "max_steps", fn=fn)
+    check_optional_int(max_search_examples, "max_search_examples", fn=fn)
+    check_int(max_steps, "max_steps", fn=fn)
     check_positive(tol, "tol", fn=fn)
     num_val = round(n * val_fraction)
     if len(grid) > 1 and not 1 <= num_val < n:
@@ -445,13 +431,13 @@ def knn_predict(
     _check_num_classes(num_classes, fn=fn)
     num_train = train_features.shape[0]
     _check_labels(train_labels, "train_labels", num_train, num_classes, fn=fn)
-    _check_positive_int(k, "k", fn=fn)
+    check_int(k, "k", fn=fn)
     if k > num_train:
         raise ValueError(
             f"{fn}: k must be <= the number of train rows N_train = {num_train}; got k = {k}."
         )
     check_positive(temperature, "temperature", fn=fn)
-    _check_positive_int(chunk_size, "chunk_size", fn=fn)
+    check_int(chunk_size, "chunk_size", fn=fn)
     num_queries = query_features.shape[0]
     if num_queries == 0:
         return jnp.zeros((0,), jnp.int32)

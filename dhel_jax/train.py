@@ -32,8 +32,6 @@ import dataclasses
 import functools
 import json
 import logging
-import math
-import numbers
 import signal
 import threading
 import time
@@ -51,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_dict
 
 from dhel_jax import augment, checkpointing, data, losses, models, optimizers, parallel
+from dhel_jax._validation import check_int, check_number, check_optional_int
 
 Array = jax.Array
 Hook = Callable[[int, Mapping[str, float]], None]
@@ -238,14 +237,6 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def validate_config(
     config: ml_collections.ConfigDict,
     *,
@@ -281,15 +272,8 @@ def validate_config(
             f"{', '.join(map(repr, accepted))}.",
         )
     for field in ("head_hidden_dim", "head_out_dim", "head_num_layers"):
-        value = m[field]
-        _require(
-            _is_int(value) and value >= 1,
-            f"config.model.{field} must be an integer >= 1; got {value!r}.",
-        )
-    _require(
-        m.num_filters is None or (_is_int(m.num_filters) and m.num_filters >= 1),
-        f"config.model.num_filters must be None or an integer >= 1; got {m.num_filters!r}.",
-    )
+        check_int(m[field], f"config.model.{field}")
+    check_optional_int(m.num_filters, "config.model.num_filters")
 
     loss_from_config(config.loss)
 
@@ -313,20 +297,10 @@ def validate_config(
         ("trust_coefficient", 0.0, True),
         ("eps", 0.0, True),
     ):
-        value = o[field]
-        ok = _is_number(value) and (value > low if strict else value >= low)
-        _require(
-            ok,
-            f"config.optimizer.{field} must be a number {'>' if strict else '>='} "
-            f"{low:g}; got {value!r}.",
-        )
+        check_number(o[field], f"config.optimizer.{field}", minimum=low, strict=strict)
 
     b = config.batch_size
-    _require(
-        _is_int(b) and b >= 2,
-        f"config.batch_size must be an integer >= 2 (the "
-        f"contrastive losses need negatives); got {b!r}.",
-    )
+    check_int(b, "config.batch_size", minimum=2, reason="the contrastive losses need negatives")
     _require(
         b % device_count == 0,
         f"config.batch_size = {b} does not split evenly over the {device_count} devices; use a "
@@ -336,48 +310,19 @@ def validate_config(
         b % process_count == 0,
         f"config.batch_size = {b} does not split evenly over the {process_count} processes.",
     )
-    _require(
-        _is_number(config.num_epochs) and config.num_epochs > 0,
-        f"config.num_epochs must be a number > 0; got {config.num_epochs!r}.",
-    )
-    n = config.num_train_steps
-    _require(
-        n is None or (_is_int(n) and n >= 1),
-        f"config.num_train_steps must be None or an integer >= 1; got {n!r}.",
-    )
+    check_number(config.num_epochs, "config.num_epochs", strict=True)
+    check_optional_int(config.num_train_steps, "config.num_train_steps")
     for field in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
-        value = config[field]
-        _require(
-            _is_int(value) and value >= 1, f"config.{field} must be an integer >= 1; got {value!r}."
-        )
-    _require(
-        _is_int(config.seed) and config.seed >= 0,
-        f"config.seed must be an integer >= 0; got {config.seed!r}.",
+        check_int(config[field], f"config.{field}")
+    check_int(config.seed, "config.seed", minimum=0)
+    check_int(config.data_workers, "config.data_workers", minimum=0)
+    check_number(
+        config.online_probe.learning_rate, "config.online_probe.learning_rate", strict=True
     )
-    _require(
-        _is_int(config.data_workers) and config.data_workers >= 0,
-        f"config.data_workers must be an integer >= 0; got {config.data_workers!r}.",
-    )
-
-    p = config.online_probe
-    _require(
-        _is_number(p.learning_rate) and p.learning_rate > 0,
-        f"config.online_probe.learning_rate must be > 0; got {p.learning_rate!r}.",
-    )
-    _require(
-        _is_number(p.weight_decay) and p.weight_decay >= 0,
-        f"config.online_probe.weight_decay must be >= 0; got {p.weight_decay!r}.",
-    )
-
-    ev = config.eval
-    _require(
-        _is_int(ev.knn_k) and ev.knn_k >= 1,
-        f"config.eval.knn_k must be an integer >= 1; got {ev.knn_k!r}.",
-    )
-    _require(
-        _is_number(ev.knn_temperature) and ev.knn_temperature > 0,
-        f"config.eval.knn_temperature must be > 0; got {ev.knn_temperature!r}.",
-    )
+    check_number(config.online_probe.weight_decay, "config.online_probe.weight_decay")
+    # The checks EvalSettings makes of the same fields.
+    check_int(config.eval.knn_k, "config.eval.knn_k")
+    check_number(config.eval.knn_temperature, "config.eval.knn_temperature", strict=True)
 
     # The augmentation checks its arguments at trace time: trace it on shapes only.
     try:
@@ -900,12 +845,14 @@ def train_and_evaluate(
       The final train state.
 
     Raises:
-      ValueError: a bad config (before anything is read or compiled).
+      ValueError: a bad config (before anything is read or compiled), or
+        ``checkpointing.WorkdirConflictError``: ``workdir`` holds another run's config.
       NonFiniteLossError: a step's loss, gradients or parameters were not finite; no
         checkpoint of that step or later is written.
       checkpointing.CheckpointError: the latest checkpoint cannot be restored.
     """
     validate_config(config)
+    checkpointing.check_workdir_config(workdir, config)
     workdir_path = epath.Path(workdir)
     is_chief = jax.process_index() == 0
     if is_chief:
@@ -996,8 +943,10 @@ def train_and_evaluate(
                     logging.warning("stopped at step %d; checkpoint saved", step)
                     break
     finally:
-        manager.wait_until_finished()
-        manager.close()
-        if log is not None:
-            log.close()
+        try:
+            checkpointing.wait_until_saved(manager)
+        finally:
+            manager.close()
+            if log is not None:
+                log.close()
     return state

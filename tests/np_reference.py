@@ -1,6 +1,7 @@
 """Independent float64 NumPy references, written from docs/spec.md with explicit loops.
 
-Nothing here imports dhel_jax: these are the yardsticks the JAX code is held to.
+Nothing here imports dhel_jax: these are the yardsticks the JAX code is held to (by the
+tests, and on an accelerator by benchmarks/accelerator_check.py).
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.special
 
 
 def normalize(z: np.ndarray) -> np.ndarray:
@@ -171,6 +173,66 @@ LOSSES = {
     "kcl": kcl,
     "align_uniform": align_uniform,
 }
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _rows(x, unit: bool) -> np.ndarray:
+    """Rows scaled to unit norm when ``unit``, else as given (float64)."""
+    return normalize(x) if unit else np.asarray(x, np.float64)
+
+
+def effective_rank(x, normalize=True) -> float:
+    s = np.linalg.svd(_rows(x, normalize), compute_uv=False)
+    p = s / s.sum() + 1e-7
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def rank(x, tol=1e-5, normalize=True) -> int:
+    return int(np.linalg.matrix_rank(np.cov(_rows(x, normalize), rowvar=False), tol=tol))
+
+
+def hyperspherical_energy(x, s) -> float:
+    u = normalize(x)
+    m = len(u)
+    total = 0.0
+    for i in range(m):
+        for j in range(m):
+            if i != j:
+                r = np.linalg.norm(u[i] - u[j])
+                total += -np.log(r) if s == 0 else r ** (-s)
+    return total / (m * (m - 1))
+
+
+def sorted_pair_cosines(x) -> np.ndarray:
+    u = normalize(x)
+    gram = u @ u.T
+    return np.sort(np.clip(gram[np.triu_indices(len(u), 1)], -1.0, 1.0))
+
+
+def wasserstein_uniformity(x) -> float:
+    """int_{-1}^{1} |F_emp - F_d|, integrated exactly between consecutive sorted pair values.
+
+    On [s_(k), s_(k+1)] the ECDF is k/N; F_d crosses that level at its quantile, and on each
+    side the integral is |level * width - int F_d|, with int_{-1}^{t} F_d = y I_y(a, a) * 2 -
+    I_y(a + 1, a), y = (1 + t)/2 (from int_0^y x beta(x) dx = a/(a+b) I_y(a+1, b)).
+    """
+    s = sorted_pair_cosines(x)
+    n_pairs, d = len(s), np.shape(x)[1]
+    a = (d - 1) / 2
+
+    def antiderivative(t):
+        y = np.clip((1 + t) / 2, 0.0, 1.0)
+        return 2 * y * scipy.special.betainc(a, a, y) - scipy.special.betainc(a + 1, a, y)
+
+    knots = np.concatenate([[-1.0], s, [1.0]])
+    level = np.arange(n_pairs + 1) / n_pairs
+    left, right = knots[:-1], knots[1:]
+    cross = np.clip(2 * scipy.special.betaincinv(a, a, level) - 1, left, right)
+    below = np.abs(level * (cross - left) - (antiderivative(cross) - antiderivative(left)))
+    above = np.abs((antiderivative(right) - antiderivative(cross)) - level * (right - cross))
+    return float(np.sum(below + above))
 
 
 # ----------------------------------------------------------------------------- probes

@@ -57,10 +57,15 @@ def _ref_crop_box(rng, height, width, scale, ratio):
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _sample_boxes(n, height, width, **kwargs):
+def _sample_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """n crop boxes as the pipeline draws them (augment's private crop-box sampler)."""
     keys = jax.random.split(jax.random.key(0), n)
-    sample = jax.jit(jax.vmap(lambda k: augment.sample_crop_box(k, height, width, **kwargs)))
-    return np.asarray(sample(keys))
+
+    def box(key):
+        u = jax.random.uniform(key, (augment._CROP_UNIFORMS,))
+        return augment._crop_box(u, height, width, scale, ratio)
+
+    return np.asarray(jax.jit(jax.vmap(box))(keys))
 
 
 def _pil_resize(image: np.ndarray, out_hw, box=None) -> np.ndarray:
@@ -382,31 +387,25 @@ def test_jitter_is_applied_with_its_probability(rng):
     assert abs(changed.mean() - 0.8) < 4 * math.sqrt(0.16 / n)
 
 
-def test_apply_color_jitter_matches_reference_in_every_order(rng):
+def _jitter(image, brightness=1.0, contrast=1.0, saturation=1.0, hue_delta=0.0, order=(0, 1, 2, 3)):
+    """The pipeline's colour jitter with given factors (augment's private jitter step)."""
+    image = jnp.asarray(image, jnp.float32)
+    factors = tuple(jnp.float32(f) for f in (brightness, contrast, saturation, hue_delta))
+    order = jnp.asarray(order, jnp.int32)
+    return augment._jitter_in_order(image, factors, order, use_hsv=image.shape[-1] == 3)
+
+
+def test_jitter_matches_reference_in_every_order(rng):
     image = 0.05 + 0.9 * rng.random((5, 5, 3))
     factors = dict(brightness=1.3, contrast=0.6, saturation=1.7, hue_delta=0.15)
     orders = np.array(list(itertools.permutations(range(4))), np.int32)
-    ours = jax.vmap(
-        lambda order: augment.apply_color_jitter(
-            jnp.asarray(image, jnp.float32),
-            brightness_factor=factors["brightness"],
-            contrast_factor=factors["contrast"],
-            saturation_factor=factors["saturation"],
-            hue_delta=factors["hue_delta"],
-            order=order,
-        )
-    )(orders)
+    ours = jax.vmap(lambda order: _jitter(image, **factors, order=order))(orders)
     refs = [_ref_jitter(image, **factors, order=order) for order in orders]
     for got, want in zip(ours, refs, strict=True):
         np.testing.assert_allclose(got, want, atol=3e-5)
     assert not np.allclose(refs[0], refs[-1], atol=1e-3)  # the order matters
     gray = image[..., :1]
-    got = augment.apply_color_jitter(
-        jnp.asarray(gray, jnp.float32),
-        brightness_factor=1.3,
-        contrast_factor=0.6,
-        order=(1, 0, 2, 3),
-    )
+    got = _jitter(gray, brightness=1.3, contrast=0.6, order=(1, 0, 2, 3))
     np.testing.assert_allclose(got, _ref_jitter(gray, 1.3, 0.6, 1.0, 0.0, (1, 0)), atol=1e-6)
 
 
@@ -414,8 +413,14 @@ def _jitter_draws(image, n, **strengths):
     keys = jax.random.split(jax.random.key(8), n)
     kwargs = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
     kwargs.update(strengths)
-    draw = jax.jit(jax.vmap(lambda k: augment.color_jitter(image, k, **kwargs)))
-    return np.asarray(draw(keys), np.float64)
+    use_hsv = kwargs["saturation"] > 0 or kwargs["hue"] > 0
+
+    def draw(key):
+        u = jax.random.uniform(key, (augment._JITTER_UNIFORMS,))
+        factors, order = augment._jitter_params(u, **kwargs)
+        return augment._jitter_in_order(jnp.asarray(image), factors, order, use_hsv)
+
+    return np.asarray(jax.jit(jax.vmap(draw))(keys), np.float64)
 
 
 def _assert_uniform(samples, lo, hi):
@@ -423,7 +428,7 @@ def _assert_uniform(samples, lo, hi):
     assert stats.kstest(samples, stats.uniform(lo, hi - lo).cdf).pvalue > 1e-3
 
 
-def test_color_jitter_magnitudes_stay_within_bounds(rng):
+def test_jitter_magnitudes_stay_within_bounds(rng):
     n = 1500
     image = 0.3 + 0.3 * rng.random((3, 3, 3)).astype(np.float32)  # no clipping at factors <= 1.4
 
@@ -463,13 +468,18 @@ def test_grayscale_inputs_keep_one_channel_and_skip_colour_steps(rng):
     # Grayscale conversion is a no-op for one channel.
     out = augment.augment(images, jax.random.key(9), **{**NOTHING, "grayscale_prob": 1.0})
     np.testing.assert_allclose(out, np.asarray(images, np.float32) / 255.0, atol=1e-6)
-    # Jitter: brightness and contrast only; saturation and hue strengths change nothing.
-    image = jnp.asarray(images[0], jnp.float32) / 255.0
-    key = jax.random.key(10)
-    jittered = augment.color_jitter(image, key, saturation=0.4, hue=0.5)
-    chex.assert_shape(jittered, (12, 12, 1))
-    np.testing.assert_array_equal(jittered, augment.color_jitter(image, key, saturation=0, hue=0))
-    assert not np.allclose(jittered, image)
+    # Jitter: brightness and contrast only, so every view is an affine map x -> a x + b of its
+    # image (saturation and hue would not be); factors <= 1.4 leave these values unclipped.
+    image = 0.45 + 0.1 * rng.random((12, 12, 1))
+    batch = jnp.asarray(np.repeat(image[None], 8, 0), jnp.float32)
+    settings = {**NOTHING, "jitter_prob": 1.0, "jitter_strength": 0.5}
+    views = np.asarray(augment.augment(batch, jax.random.key(10), **settings), np.float64)
+    chex.assert_shape(views, (8, 12, 12, 1))
+    design = np.stack([image.ravel(), np.ones(image.size)], axis=1)
+    for view in views:
+        coef, *_ = np.linalg.lstsq(design, view.ravel(), rcond=None)
+        np.testing.assert_allclose(design @ coef, view.ravel(), atol=1e-5)
+    assert not np.allclose(views, image[None], atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,6 +553,7 @@ def test_eval_transform_centre_crop_and_resize(rng):
         (np.zeros((4, 8, 8, 3), np.uint8), {"out_size": 0}, ValueError, "out_size"),
         (np.zeros((4, 8, 8, 3), np.uint8), {"mean": (0.5, 0.5)}, ValueError, "mean"),
         (np.zeros((4, 8, 8, 3), np.uint8), {"std": (0.0,)}, ValueError, "std"),
+        (np.zeros((4, 8, 8, 3), np.uint8), {"jiter_prob": 0.5}, TypeError, "unknown.*jiter"),
     ],
 )
 def test_bad_arguments_raise_clear_errors(images, kwargs, error, match):

@@ -25,6 +25,11 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 from dhel_jax import metrics
+from tests.np_reference import effective_rank as ref_effective_rank
+from tests.np_reference import hyperspherical_energy as ref_energy
+from tests.np_reference import rank as ref_rank
+from tests.np_reference import sorted_pair_cosines as _sorted_pairs
+from tests.np_reference import wasserstein_uniformity as ref_wasserstein
 
 SHAPES = [(2, 2), (3, 2), (7, 3), (24, 8), (64, 128)]
 
@@ -49,64 +54,10 @@ def ref_uniformity(x, t=2.0) -> float:
     return float(np.log(np.mean(vals)))
 
 
-def ref_effective_rank(x, normalize=True) -> float:
-    u = _normalize(x) if normalize else np.asarray(x, np.float64)
-    s = np.linalg.svd(u, compute_uv=False)
-    p = s / s.sum() + 1e-7
-    return float(np.exp(-np.sum(p * np.log(p))))
-
-
-def ref_rank(x, tol=1e-5, normalize=True) -> int:
-    u = _normalize(x) if normalize else np.asarray(x, np.float64)
-    return int(np.linalg.matrix_rank(np.cov(u, rowvar=False), tol=tol))
-
-
-def ref_energy(x, s) -> float:
-    u = _normalize(x)
-    m = len(u)
-    total = 0.0
-    for i in range(m):
-        for j in range(m):
-            if i != j:
-                r = np.linalg.norm(u[i] - u[j])
-                total += -np.log(r) if s == 0 else r ** (-s)
-    return total / (m * (m - 1))
-
-
-def _sorted_pairs(x) -> np.ndarray:
-    u = _normalize(x)
-    gram = u @ u.T
-    return np.sort(np.clip(gram[np.triu_indices(len(u), 1)], -1.0, 1.0))
-
-
 def _sphere_cdf(t, d):
     """F_d: (1 + s)/2 ~ Beta((d-1)/2, (d-1)/2)."""
     a = (d - 1) / 2
     return scipy.special.betainc(a, a, np.clip((1 + t) / 2, 0.0, 1.0))
-
-
-def ref_wasserstein(x) -> float:
-    """int_{-1}^{1} |F_emp - F_d|, integrated exactly between consecutive sorted pair values.
-
-    On [s_(k), s_(k+1)] the ECDF is k/N; F_d crosses that level at its quantile, and on each
-    side the integral is |level * width - int F_d|, with int_{-1}^{t} F_d = y I_y(a, a) * 2 -
-    I_y(a + 1, a), y = (1 + t)/2 (from int_0^y x beta(x) dx = a/(a+b) I_y(a+1, b)).
-    """
-    s = _sorted_pairs(x)
-    n_pairs, d = len(s), np.shape(x)[1]
-    a = (d - 1) / 2
-
-    def antiderivative(t):
-        y = np.clip((1 + t) / 2, 0.0, 1.0)
-        return 2 * y * scipy.special.betainc(a, a, y) - scipy.special.betainc(a + 1, a, y)
-
-    knots = np.concatenate([[-1.0], s, [1.0]])
-    level = np.arange(n_pairs + 1) / n_pairs
-    left, right = knots[:-1], knots[1:]
-    cross = np.clip(2 * scipy.special.betaincinv(a, a, level) - 1, left, right)
-    below = np.abs(level * (cross - left) - (antiderivative(cross) - antiderivative(left)))
-    above = np.abs((antiderivative(right) - antiderivative(cross)) - level * (right - cross))
-    return float(np.sum(below + above))
 
 
 def ref_wasserstein_quad(x) -> float:
@@ -528,3 +479,35 @@ def test_bad_inputs_raise_clear_errors(call, exc, needle):
     with pytest.raises(exc) as info:
         call()
     assert needle in str(info.value)
+
+
+def test_sphere_cosine_density_is_the_beta_law_and_integrates_to_one():
+    s = np.linspace(-0.999, 0.999, 501)
+    for d in (2, 3, 8, 64, 512):
+        a = (d - 1) / 2
+        want = 0.5 * scipy.stats.beta.pdf((1 + s) / 2, a, a)  # (1 + s) / 2 ~ Beta(a, a)
+        np.testing.assert_allclose(metrics.sphere_cosine_density(s, d), want, rtol=1e-9, atol=1e-12)
+        total, _ = scipy.integrate.quad(lambda t, d=d: metrics.sphere_cosine_density(t, d), -1, 1)
+        assert total == pytest.approx(1.0, abs=1e-6)
+    assert metrics.sphere_cosine_density(np.array([-1.5, 1.0, 2.0]), 5).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="d >= 2"):
+        metrics.sphere_cosine_density(s, 1)
+
+
+@pytest.mark.parametrize("block_size", [None, 64])
+def test_pair_cosine_histogram_counts_every_pair_once(rng, block_size):
+    x = rng.standard_normal((301, 5))
+    edges = np.linspace(-1, 1, 41)
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    sims = u @ u.T
+    want = np.histogram(sims[np.triu_indices(len(x), 1)], bins=edges)[0]
+    got = np.asarray(
+        metrics.pair_cosine_histogram(
+            jnp.asarray(x, jnp.float32), num_bins=40, block_size=block_size
+        )
+    )
+    chex.assert_type(got, jnp.int32)
+    assert got.sum() == 301 * 300 // 2
+    # float32 pair values may land in the neighbouring bin when within round-off of an edge.
+    near_edge = np.min(np.abs(sims[np.triu_indices(len(x), 1)][:, None] - edges), axis=1) < 1e-5
+    assert np.abs(got - want).sum() <= 2 * near_edge.sum()

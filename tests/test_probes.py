@@ -254,8 +254,12 @@ _Y = np.arange(20, dtype=np.int32) % 2
         (dict(l2_grid=(1e-3, -1.0)), ValueError, r"l2_grid must be .* >= 0"),
         (dict(val_fraction=1.0), ValueError, r"val_fraction must lie in \(0, 1\)"),
         (dict(val_fraction=0.01), ValueError, r"leaves 0 held-out"),
-        (dict(max_search_examples=0), ValueError, r"max_search_examples must be a positive"),
-        (dict(max_steps=0), ValueError, r"max_steps must be a positive integer"),
+        (
+            dict(max_search_examples=0),
+            ValueError,
+            r"max_search_examples must be None or an integer >= 1",
+        ),
+        (dict(max_steps=0), ValueError, r"max_steps must be an integer >= 1"),
         (dict(tol=0.0), ValueError, r"tol must be > 0"),
     ],
 )
@@ -284,9 +288,9 @@ def test_predict_and_accuracy_reject_mismatched_features():
         (dict(labels=_Y[:5]), ValueError, r"train_labels must have shape \(20,\)"),
         (dict(labels=_Y + 3), ValueError, r"\[0, 2\); got values in \[3, 4\]"),
         (dict(k=21), ValueError, r"k must be <= the number of train rows N_train = 20; got k = 21"),
-        (dict(k=0), ValueError, r"k must be a positive integer"),
+        (dict(k=0), ValueError, r"k must be an integer >= 1"),
         (dict(temperature=0.0), ValueError, r"temperature must be > 0"),
-        (dict(chunk_size=0), ValueError, r"chunk_size must be a positive integer"),
+        (dict(chunk_size=0), ValueError, r"chunk_size must be an integer >= 1"),
         (dict(num_classes=True), ValueError, r"num_classes must be an integer >= 2"),
     ],
 )

@@ -97,6 +97,44 @@ def test_gradient_taken_inside_shard_map_is_the_global_gradient(eight_devices):
     _assert_rel_close(s2, g2)
 
 
+@pytest.mark.parametrize("block", [None, 3])
+def test_replicated_parameter_gradient_inside_shard_map(block, eight_devices):
+    """jax.grad inside shard_map of a psum-ed loss with a replicated parameter (a learnable
+    temperature): the parameter's gradient is the single-device one, counted once, dense and
+    tiled (the tiled custom VJP casts its inputs to one varying type with public API only)."""
+    from jax.sharding import PartitionSpec as P
+
+    from dhel_jax import pairwise
+
+    z1, _ = _views(32, d=5)
+    tau = jnp.asarray(0.3, jnp.float32)
+    f = lambda x, p: x / p[0]  # noqa: E731
+
+    def single(a, t):
+        red, _ = pairwise.pairwise_reduce(
+            a, None, f, (t,), reduce="lse", exclude=(jnp.arange(a.shape[0]),)
+        )
+        return jnp.sum(red)
+
+    def local(a, t):
+        b, ids = pairwise.gather_candidates(a, "data")
+        red, _ = pairwise.pairwise_reduce(
+            a, b, f, (t,), reduce="lse", exclude=(ids,), block_size=block
+        )
+        return jax.lax.psum(jnp.sum(red), "data")
+
+    want_a, want_t = jax.grad(single, argnums=(0, 1))(z1, tau)
+    per_device = jax.shard_map(
+        jax.grad(local, argnums=(0, 1)),
+        mesh=parallel.data_mesh(eight_devices),
+        in_specs=(P("data"), P()),
+        out_specs=(P("data"), P()),
+    )
+    got_a, got_t = jax.jit(per_device)(z1, tau)
+    _assert_rel_close(got_a, want_a)
+    _assert_rel_close(got_t, want_t)
+
+
 def test_metrics_accept_axis_name(eight_devices):
     from jax.sharding import PartitionSpec as P
 

@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -148,7 +149,7 @@ def _bad(**changes):
         ({"optimizer.name": "lamb"}, r"config.optimizer.name: unknown optimizer 'lamb'.*'lars'"),
         ({"batch_size": 12}, r"batch_size = 12 does not split evenly over the 8 devices.*16"),
         ({"augment.flip_prob": 1.5}, r"config.augment: .*flip_prob must be a probability"),
-        ({"optimizer.base_lr": 0.0}, r"config.optimizer.base_lr must be a number > 0"),
+        ({"optimizer.base_lr": 0.0}, r"config.optimizer.base_lr must be a finite number > 0"),
         ({"log_every_steps": 0}, r"config.log_every_steps must be an integer >= 1"),
     ],
 )
@@ -415,6 +416,16 @@ def test_corrupt_or_incompatible_checkpoint_is_reported_and_not_overwritten(
     shutil.copytree(run_a[0], workdir)
     wider = tiny_config()
     wider.model.head_out_dim = 12
+    before = hash_tree(workdir)
+    # The workdir's config.json names the run it holds: another config is refused up front.
+    with pytest.raises(
+        checkpointing.WorkdirConflictError,
+        match=r"holds another run, whose config differs in model\.head_out_dim: 8 there, 12 now",
+    ):
+        train.train_and_evaluate(wider, str(workdir), compiler_options=COMPILER_OPTIONS)
+    assert hash_tree(workdir) == before
+    # Without config.json, restoring the checkpoint into the other structure still fails.
+    (workdir / checkpointing.CONFIG_FILENAME).unlink()
     before = hash_tree(workdir / "checkpoints")
     with pytest.raises(
         checkpointing.CheckpointError, match=r"(?s)checkpoints/8: .*available steps.*\[4, 8\]"
@@ -599,7 +610,7 @@ def test_cpu_xla_flags_keep_a_train_step_within_float32_round_off(tmp_path):
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("--config.optimizer.base_lr=0.0", "config.optimizer.base_lr must be a number > 0"),
+        ("--config.optimizer.base_lr=0.0", "config.optimizer.base_lr must be a finite number > 0"),
         # Found only once the dataset's size is known: 10 epochs of warm-up > 3 steps.
         ("--config.num_train_steps=3", "config.optimizer.warmup_epochs = 10"),
     ],
@@ -629,8 +640,9 @@ def test_cli_config_errors_are_one_line_with_status_2(
 
 
 def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_cache):
-    """A truncated array of the latest checkpoint, then the same dhel-train command again: one
-    error line, status 1, no traceback or library noise, and nothing on disk changed."""
+    """Another config in a finished run's --workdir: one error line, status 2. Then a truncated
+    array of the latest checkpoint and the same dhel-train command again: one error line,
+    status 1. Never a traceback or library noise, and nothing on disk changed."""
     workdir = tmp_path / "run"
     command = [
         sys.executable,
@@ -644,6 +656,18 @@ def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_
     env = _env(compilation_cache)
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
+
+    # Another run's config in the same --workdir: a config error (status 2), nothing changed.
+    before = hash_tree(workdir)
+    other = [*command, "--config.model.head_out_dim=12"]
+    proc = subprocess.run(other, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == main.EXIT_USAGE, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("dhel-train: error: ") and "holds another run" in lines[-1]
+    assert "model.head_out_dim: 8 there, 12 now" in lines[-1], lines[-1]
+    assert "Traceback" not in proc.stderr
+    assert hash_tree(workdir) == before
+
     truncate_state_arrays(workdir, 2, divisor=2)
     before = hash_tree(workdir)
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -651,6 +675,66 @@ def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("dhel-train: error: ") and "available steps" in last, last
     assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr
+    assert hash_tree(workdir) == before
+
+
+def _file_size_limit(limit: int):
+    """A ``preexec_fn`` capping every file the child writes at ``limit`` bytes, a full disk as
+    the child sees it (writes past the cap fail with EFBIG; SIGXFSZ is ignored)."""
+
+    def limit_writes() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_writes
+
+
+@pytest.mark.slow
+def test_cli_full_disk_is_one_line_with_status_1(tmp_path, compilation_cache):
+    """A disk that fills up at the first checkpoint: one error line naming the checkpoint
+    directory, status 1, none of Orbax's logged tracebacks, no finalised step; freed, the same
+    command resumes and saves. Full again at the start of a rerun: config.json is kept whole."""
+    workdir = tmp_path / "run"
+    command = [
+        sys.executable,
+        str(WORKER),
+        "cli",
+        f"--workdir={workdir}",
+        *TINY_CLI_ARGS,
+        "--config.num_train_steps=2",
+        "--config.optimizer.warmup_epochs=0",
+    ]
+    env = _env(compilation_cache)
+
+    def run(limit: int | None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            command,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            preexec_fn=None if limit is None else _file_size_limit(limit),
+        )
+
+    # The state's metadata file alone is larger than 16 KiB; config.json and the logs are not.
+    full = run(16 * 1024)
+    assert full.returncode == main.EXIT_FAILURE, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    assert last.startswith("dhel-train: error: cannot write a checkpoint in "), last
+    assert f"{workdir}/checkpoints" in last and "disk is full" in last, last
+    assert "Traceback" not in full.stderr and "orbax" not in full.stderr.lower()
+    assert checkpointing.available_steps(workdir) == []
+
+    freed = run(None)
+    assert freed.returncode == 0, freed.stderr[-3000:]
+    assert checkpointing.available_steps(workdir) == [2]
+
+    before = hash_tree(workdir)
+    again = run(512)
+    assert again.returncode == main.EXIT_FAILURE, again.stderr[-3000:]
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("dhel-train: error: cannot write ") and "config.json" in last, last
+    assert "Traceback" not in again.stderr
     assert hash_tree(workdir) == before
 
 
@@ -693,3 +777,31 @@ def test_cli_usage_errors_are_one_line_with_status_2(tmp_path, args, needle):
     line = proc.stderr.strip().splitlines()[-1]
     assert line.startswith("dhel-train: error: ") and needle in line, line
     assert "Traceback" not in proc.stderr and "FATAL" not in proc.stderr
+
+
+def test_cli_missing_dataset_is_one_line_with_status_1(tmp_path):
+    """ImageNet-100 without its archives (TFDS cannot download it): one line that says where
+    the archives go, status 1, no traceback, no checkpoint."""
+    workdir = tmp_path / "run"
+    code = "import sys; sys.argv[0] = 'dhel-train'; from dhel_jax import main; main.train_main()"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            f"--workdir={workdir}",
+            *TINY_CLI_ARGS,
+            "--config.dataset=imagenet100",
+            f"--config.data_dir={tmp_path / 'tfds'}",
+        ],
+        env=_env(str(tmp_path / "cache")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == main.EXIT_FAILURE, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("dhel-train: error: imagenet100 is not prepared in "), line
+    assert "ILSVRC2012_img_train.tar" in line and "downloads/manual" in line, line
+    assert "Traceback" not in proc.stderr
+    assert checkpointing.available_steps(workdir) == []

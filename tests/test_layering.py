@@ -1,0 +1,113 @@
+"""Layering and public-API guards: the library core imports with only jax, numpy and optax, and
+no module of dhel_jax reaches into JAX internals (they change without notice between releases).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Private JAX modules and aval fields that are not public API.
+_PRIVATE_JAX = re.compile(
+    r"jax\._src|from\s+jax\s+import\s+_src|jax\.interpreters|jaxlib\.|manual_axis_type"
+    r"|hardware_utils|\.aval\b"
+)
+
+
+def test_no_private_jax_api_in_the_library():
+    hits = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted((ROOT / "dhel_jax").glob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _PRIVATE_JAX.search(line)
+    ]
+    assert not hits, "private JAX API used:\n" + "\n".join(hits)
+
+
+@pytest.mark.parametrize(
+    "line", ["from jax._src import core", "aval.manual_axis_type", "import jaxlib.xla_client"]
+)
+def test_private_jax_pattern_catches(line):
+    assert _PRIVATE_JAX.search(line)
+
+
+# Run in a fresh interpreter: the training stack and the test-only packages raise ImportError,
+# as in an environment that installed only the core (jax, numpy, optax and what they need:
+# optax imports absl).
+_CORE_ONLY = textwrap.dedent(
+    """
+    import importlib.abc
+    import sys
+
+    BLOCKED = {
+        "flax", "tensorflow", "tensorflow_datasets", "grain", "ml_collections", "orbax",
+        "chex", "dm_pix", "array_record", "tensorboardX", "matplotlib", "cv2",
+        "sklearn", "torch", "tqdm", "etils",
+    }
+
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked in the core-only test: {name}")
+            return None
+
+    sys.meta_path.insert(0, Block())
+
+    import jax.numpy as jnp
+    import numpy as np
+
+    import dhel_jax
+    from dhel_jax import kernels, losses, metrics, pairwise, probes
+
+    rng = np.random.default_rng(0)
+    z1 = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
+    z2 = z1 + 0.1
+    for name in ("dhel", "kcl"):
+        value = float(losses.get_loss(name)(z1, z2))
+        assert np.isfinite(value), (name, value)
+    assert np.isfinite(float(metrics.uniformity(pairwise.l2_normalize(z1))))
+    assert kernels.get_kernel("gaussian", 2.0).name == "gaussian"
+    assert callable(dhel_jax.dhel) and callable(probes.knn_accuracy)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not leaked, leaked
+    print("core-only ok")
+    """
+)
+
+
+def test_losses_and_metrics_import_with_core_dependencies_only():
+    result = subprocess.run(
+        [sys.executable, "-c", _CORE_ONLY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "core-only ok" in result.stdout
+
+
+def test_tpu_detection_reads_the_pci_bus(tmp_path):
+    """dhel-train's multi-process auto-detection finds a TPU chip from sysfs alone."""
+    from dhel_jax import main
+
+    def device(name: str, vendor: str, dev: str) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "vendor").write_text(vendor + "\n")
+        (tmp_path / name / "device").write_text(dev + "\n")
+
+    assert not main._tpu_chips_present(str(tmp_path))
+    device("0000:00:04.0", "0x1ae0", "0x0042")  # a Google gVNIC network card: not a TPU
+    device("0000:00:05.0", "0x10de", "0x0063")  # another vendor's device 0x0063
+    assert not main._tpu_chips_present(str(tmp_path))
+    device("0000:00:06.0", "0x1ae0", "0x0063")  # TPU v5e
+    assert main._tpu_chips_present(str(tmp_path))
+    assert not main._tpu_chips_present(str(tmp_path / "absent"))
