@@ -24,6 +24,11 @@ One view is, in SimCLR's order (Chen et al., 2020, appendix A):
 Grayscale inputs (``C = 1``, Fashion-MNIST) have no saturation or hue, so their jitter is
 brightness and contrast in random order, and the grayscale step is a no-op.
 
+Images of varied sizes (ImageNet-100) come in fixed-shape canvases, each image in the top-left
+corner with its ``(height, width)`` in ``sizes`` (int ``[B, 2]``, ``dhel_jax.data``): the crop
+is then drawn in, and reads only, the image (:func:`crop_and_resize_in`), as SimCLR's crop of
+the full image, and :func:`eval_transform` takes the centre square of its shorter side.
+
 Every keyword argument is plain Python data (floats, ints, tuples), so a config can pass a dict
 of them through. Arithmetic is float32; outputs are float32.
 """
@@ -213,6 +218,79 @@ def crop_and_resize(image: jax.Array, box: jax.Array, *, out_size: tuple[int, in
     )
 
 
+def _crop_box_in(
+    u: jax.Array,
+    height: jax.Array,
+    width: jax.Array,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> jax.Array:
+    """:func:`_crop_box` for an image of traced size ``height x width`` (int32 scalars): the
+    same draws, with the fallback's clamped ratio computed on device."""
+    n = _SIMCLR_CROP_ATTEMPTS
+    hf, wf = height.astype(jnp.float32), width.astype(jnp.float32)
+    area = hf * wf * (scale[0] + (scale[1] - scale[0]) * u[:n])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[n : 2 * n])
+    w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = jnp.argmax(fits)
+    in_ratio = wf / hf
+    fallback_w = jnp.where(in_ratio > ratio[1], jnp.round(hf * ratio[1]).astype(jnp.int32), width)
+    fallback_h = jnp.where(in_ratio < ratio[0], jnp.round(wf / ratio[0]).astype(jnp.int32), height)
+    found = fits[first]
+    crop_h = jnp.where(found, h[first], fallback_h)
+    crop_w = jnp.where(found, w[first], fallback_w)
+    top = jnp.where(found, _uniform_int(u[2 * n], height - crop_h + 1), (height - fallback_h) // 2)
+    left = jnp.where(
+        found, _uniform_int(u[2 * n + 1], width - crop_w + 1), (width - fallback_w) // 2
+    )
+    return jnp.stack([top, left, crop_h, crop_w]).astype(jnp.int32)
+
+
+def _resize_weights(
+    valid: jax.Array, in_size: int, out_size: int, scale: jax.Array, translation: jax.Array
+) -> jax.Array:
+    """``[in_size, out_size]`` weights of antialiased linear resampling of the first ``valid``
+    input pixels: ``jax.image.scale_and_translate``'s, as if the input had ``valid`` pixels."""
+    inv_scale = 1.0 / scale
+    kernel_scale = jnp.maximum(inv_scale, 1.0)
+    sample = (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * inv_scale
+    sample = sample - translation * inv_scale - 0.5
+    index = jnp.arange(in_size, dtype=jnp.float32)
+    weights = jnp.maximum(0.0, 1.0 - jnp.abs(sample[None, :] - index[:, None]) / kernel_scale)
+    weights = jnp.where(index[:, None] < valid, weights, 0.0)
+    total = jnp.sum(weights, axis=0, keepdims=True)
+    weights = jnp.where(
+        jnp.abs(total) > 1000.0 * float(jnp.finfo(jnp.float32).eps),
+        weights / jnp.where(total != 0, total, 1.0),
+        0.0,
+    )
+    inside = (sample >= -0.5) & (sample <= valid.astype(jnp.float32) - 0.5)
+    return jnp.where(inside[None, :], weights, 0.0)
+
+
+def crop_and_resize_in(
+    image: jax.Array, size: jax.Array, box: jax.Array, *, out_size: tuple[int, int]
+) -> jax.Array:
+    """:func:`crop_and_resize` of an image stored in the top-left ``size = (h, w)`` pixels of
+    a larger float ``[H, W, C]`` canvas: pixels outside it are never read, so the result is
+    that of :func:`crop_and_resize` on ``image[:h, :w]``.
+
+    Returns:
+      float ``[S_h, S_w, C]`` for ``out_size = (S_h, S_w)``.
+    """
+    out_h, out_w = out_size
+    box = jnp.asarray(box, jnp.float32)
+    top, left, crop_h, crop_w = box[0], box[1], box[2], box[3]
+    scale_h, scale_w = out_h / crop_h, out_w / crop_w
+    rows = _resize_weights(size[0], image.shape[0], out_h, scale_h, -top * scale_h)
+    cols = _resize_weights(size[1], image.shape[1], out_w, scale_w, -left * scale_w)
+    x = jnp.einsum("hwc,ho->owc", image, rows, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("owc,wp->opc", x, cols, precision=jax.lax.Precision.HIGHEST)
+
+
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 """Operation ids of the colour jitter (the ``order`` of :func:`_jitter_in_order`)."""
 
@@ -386,12 +464,20 @@ _U_FLIP, _U_JITTER_APPLY, _U_GRAY, _U_BLUR_SIGMA, _U_BLUR_APPLY, _U_SOLARIZE = r
 _VIEW_UNIFORMS = _U_SOLARIZE + 1
 
 
-def _one_view(image: jax.Array, key: jax.Array, cfg: _ViewConfig) -> jax.Array:
-    """One augmented view of one float ``[H, W, C]`` image in [0, 1] (SimCLR's order)."""
+def _one_view(
+    image: jax.Array, size: jax.Array | None, key: jax.Array, cfg: _ViewConfig
+) -> jax.Array:
+    """One augmented view of one float ``[H, W, C]`` image in [0, 1] (SimCLR's order); with
+    ``size = (h, w)``, of the image in the top-left ``h x w`` pixels."""
     height, width, channels = image.shape
     u = jax.random.uniform(key, (_VIEW_UNIFORMS,))
-    box = _crop_box(u[_U_CROP], height, width, cfg.crop_scale, cfg.crop_ratio)
-    x = jnp.clip(crop_and_resize(image, box, out_size=cfg.out_size), 0.0, 1.0)
+    if size is None:
+        box = _crop_box(u[_U_CROP], height, width, cfg.crop_scale, cfg.crop_ratio)
+        x = crop_and_resize(image, box, out_size=cfg.out_size)
+    else:
+        box = _crop_box_in(u[_U_CROP], size[0], size[1], cfg.crop_scale, cfg.crop_ratio)
+        x = crop_and_resize_in(image, size, box, out_size=cfg.out_size)
+    x = jnp.clip(x, 0.0, 1.0)
     if cfg.flip_prob > 0:
         x = jnp.where(u[_U_FLIP] < cfg.flip_prob, x[:, ::-1], x)
     if cfg.jitter_prob > 0 and cfg.jitter_strength > 0:
@@ -415,18 +501,43 @@ def _one_view(image: jax.Array, key: jax.Array, cfg: _ViewConfig) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "num_views"))
-def _views(images: jax.Array, key: jax.Array, cfg: _ViewConfig, num_views: int) -> tuple:
+def _views(
+    images: jax.Array, sizes: jax.Array | None, key: jax.Array, cfg: _ViewConfig, num_views: int
+) -> tuple:
     x = _to_unit_float(images)
     batch = images.shape[0]
-    one_batch = jax.vmap(functools.partial(_one_view, cfg=cfg))
+    if sizes is None:
+        one_batch = jax.vmap(lambda image, k: _one_view(image, None, k, cfg))
+        view_keys = [key] if num_views == 1 else jax.random.split(key, num_views)
+        return tuple(one_batch(x, jax.random.split(k, batch)) for k in view_keys)
+    one_batch_in = jax.vmap(lambda image, size, k: _one_view(image, size, k, cfg))
     view_keys = [key] if num_views == 1 else jax.random.split(key, num_views)
-    return tuple(one_batch(x, jax.random.split(k, batch)) for k in view_keys)
+    return tuple(one_batch_in(x, sizes, jax.random.split(k, batch)) for k in view_keys)
+
+
+def _check_sizes(sizes: Any, images: Any, fn: str) -> Any:
+    if sizes is None:
+        return None
+    shape, dtype = getattr(sizes, "shape", None), getattr(sizes, "dtype", None)
+    if (
+        shape is None
+        or dtype is None
+        or tuple(shape) != (images.shape[0], 2)
+        or not jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise ValueError(
+            f"{fn}: sizes must be None or integers of shape (B, 2) = ({images.shape[0]}, 2), "
+            f"the (height, width) of each image in its canvas; got "
+            f"{None if shape is None else tuple(shape)} {dtype}."
+        )
+    return jnp.asarray(sizes, jnp.int32)
 
 
 def augment(
     images: jax.Array,
     key: jax.Array,
     *,
+    sizes: jax.Array | None = None,
     out_size: int | Sequence[int] | None = None,
     crop_scale: Sequence[float] = (0.08, 1.0),
     crop_ratio: Sequence[float] = (3 / 4, 4 / 3),
@@ -445,6 +556,9 @@ def augment(
     Args:
       images: uint8 ``[B, H, W, C]`` (or floating in [0, 1]), ``C`` in {1, 3}.
       key: a PRNG key; example ``i`` uses ``jax.random.split(key, B)[i]``.
+      sizes: int ``[B, 2]``: image ``i`` is the top-left ``sizes[i] = (h, w)`` pixels of its
+        ``H x W`` canvas (ImageNet-100, ``dhel_jax.data``); the crop is drawn in, and reads
+        only, those pixels. ``None``: every image fills its canvas.
       out_size: view side ``S`` (int) or ``(S_h, S_w)``; ``None`` keeps ``(H, W)``.
       crop_scale: range of the crop's area fraction.
       crop_ratio: range of the crop's aspect ratio ``w / h``.
@@ -461,31 +575,37 @@ def augment(
       float32 ``[B, S_h, S_w, C]``: in [0, 1] before normalisation.
     """
     settings = {name: value for name, value in locals().items() if name in _VIEW_DEFAULTS}
-    return _views(images, key, _view_config(images, "augment", settings), 1)[0]
+    cfg = _view_config(images, "augment", settings)
+    return _views(images, _check_sizes(sizes, images, "augment"), key, cfg, 1)[0]
 
 
-# The keyword arguments of augment and two_views, with their defaults: augment's signature.
+# The keyword arguments of augment and two_views, with their defaults: augment's signature
+# (but ``sizes``, an array that comes with each batch).
 _VIEW_DEFAULTS: dict[str, Any] = {
     name: p.default
     for name, p in inspect.signature(augment).parameters.items()
-    if p.kind is inspect.Parameter.KEYWORD_ONLY
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and name != "sizes"
 }
 
 
-def two_views(images: jax.Array, key: jax.Array, **settings: Any) -> tuple[jax.Array, jax.Array]:
+def two_views(
+    images: jax.Array, key: jax.Array, *, sizes: jax.Array | None = None, **settings: Any
+) -> tuple[jax.Array, jax.Array]:
     """Two independent SimCLR views: ``augment`` with each key of ``jax.random.split(key)``.
 
     ``settings`` are the keyword arguments of :func:`augment` (same names, defaults and
     checks). Returns two float32 ``[B, S_h, S_w, C]`` arrays; row ``i`` of the second is the
     positive of row ``i`` of the first.
     """
-    first, second = _views(images, key, _view_config(images, "two_views", settings), 2)
+    cfg = _view_config(images, "two_views", settings)
+    first, second = _views(images, _check_sizes(sizes, images, "two_views"), key, cfg, 2)
     return first, second
 
 
 def eval_transform(
     images: jax.Array,
     *,
+    sizes: jax.Array | None = None,
     out_size: int | Sequence[int] | None = None,
     crop_fraction: float = 1.0,
     mean: float | Sequence[float] | None = None,
@@ -497,6 +617,13 @@ def eval_transform(
     (bilinear, antialiased) to ``out_size`` (``None``: the crop's size, i.e. no resize), then
     ``(x - mean) / std``. With ``crop_fraction=1`` and ``out_size=None`` it only normalises.
 
+    With ``sizes`` (int ``[B, 2]``, as in :func:`augment`), image ``i`` is the top-left
+    ``(h, w) = sizes[i]`` pixels of its canvas, and its view is the centred square of side
+    ``s = round(crop_fraction * min(h, w))`` (top ``(h - s) // 2``, left ``(w - s) // 2``),
+    resized to ``out_size`` (required). For images stored with their shorter side 256
+    (ImageNet-100), ``crop_fraction = 0.875`` and ``out_size = 224`` this is the usual
+    resize-256, centre-224 evaluation view.
+
     Returns:
       float32 ``[B, S_h, S_w, C]``.
     """
@@ -507,6 +634,15 @@ def eval_transform(
         raise ValueError(
             f"{fn}: crop_fraction must be in (0, 1]; got crop_fraction = {crop_fraction!r}."
         )
+    sizes = _check_sizes(sizes, images, fn)
+    if sizes is not None:
+        if out_size is None:
+            raise ValueError(f"{fn}: with sizes, out_size must be given (the views' side).")
+        out = _size(out_size, height, width, "out_size", fn)
+        x = _centre_views(_to_unit_float(images), sizes, float(crop_fraction), out)
+        mean_ = _moments(mean, "mean", channels, fn, positive=False)
+        std_ = _moments(std, "std", channels, fn, positive=True)
+        return _normalize(x, mean_, std_)
     crop_h = max(1, round(crop_fraction * height))
     crop_w = max(1, round(crop_fraction * width))
     out_h, out_w = _size(out_size, crop_h, crop_w, "out_size", fn)
@@ -517,3 +653,19 @@ def eval_transform(
     mean_ = _moments(mean, "mean", channels, fn, positive=False)
     std_ = _moments(std, "std", channels, fn, positive=True)
     return _normalize(x, mean_, std_)
+
+
+def _centre_view(
+    image: jax.Array, size: jax.Array, crop_fraction: float, out_size: tuple[int, int]
+) -> jax.Array:
+    side = jnp.maximum(1, jnp.round(crop_fraction * jnp.min(size).astype(jnp.float32)))
+    side = side.astype(jnp.int32)
+    box = jnp.stack([(size[0] - side) // 2, (size[1] - side) // 2, side, side])
+    return crop_and_resize_in(image, size, box, out_size=out_size)
+
+
+@functools.partial(jax.jit, static_argnames=("crop_fraction", "out_size"))
+def _centre_views(
+    images: jax.Array, sizes: jax.Array, crop_fraction: float, out_size: tuple[int, int]
+) -> jax.Array:
+    return jax.vmap(lambda im, sz: _centre_view(im, sz, crop_fraction, out_size))(images, sizes)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dhel_jax import augment, models, parallel
+from dhel_jax import augment, data, models, parallel
 
 Array = jax.Array
 
@@ -47,9 +47,11 @@ def _with_bn_momentum(model: models.ContrastiveModel, momentum: float) -> Any:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "transform"))
-def _batch_moments(variables: Any, images: Array, *, model: Any, transform: tuple) -> Any:
+def _batch_moments(
+    variables: Any, images: Array, sizes: Array | None, *, model: Any, transform: tuple
+) -> Any:
     """Per BatchNorm layer, the batch mean and mean square of its input (train mode)."""
-    x = augment.eval_transform(images, **dict(transform))
+    x = augment.eval_transform(images, sizes=sizes, **dict(transform))
     # With momentum 0 the updated running averages are this batch's mean and (biased) variance.
     _, mutated = model.apply(variables, x, train=True, mutable=["batch_stats"])
     return jax.tree.map(
@@ -62,7 +64,7 @@ def _batch_moments(variables: Any, images: Array, *, model: Any, transform: tupl
 def precise_batch_stats(
     model: models.ContrastiveModel,
     variables: Mapping[str, Any],
-    images: np.ndarray,
+    images: Any,
     *,
     transform_kwargs: Mapping[str, Any],
     batch_size: int = 1024,
@@ -78,7 +80,8 @@ def precise_batch_stats(
     Args:
       model: the encoder + head (its ``bn_momentum`` does not matter).
       variables: ``{"params": ..., "batch_stats": ...}``; the statistics are replaced.
-      images: uint8 (N, H, W, C) training images.
+      images: uint8 (N, H, W, C) training images, or an image source (``data.open_split``)
+        read batch by batch.
       transform_kwargs: ``augment.eval_transform`` keywords (the evaluation's inputs).
       batch_size: images per batch, at most N, rounded down to a multiple of the devices.
       mesh: ``('data',)`` mesh to shard each batch over (default: every local device).
@@ -87,9 +90,10 @@ def precise_batch_stats(
       ``(batch_stats, num_images)``: a tree of the structure of ``variables["batch_stats"]``,
       and the number of images it was estimated on.
     """
+    source = data.as_source(images, "precise_batch_stats")
     mesh = parallel.data_mesh(jax.local_devices()) if mesh is None else mesh
     devices = mesh.devices.size
-    n = images.shape[0]
+    n = len(source)
     batch = (min(batch_size, n) // devices) * devices
     if batch < 2:
         raise ValueError(
@@ -102,13 +106,18 @@ def precise_batch_stats(
     variables = jax.device_put(dict(variables), parallel.replicated(mesh))
     total = None
     num_batches = n // batch
-    for start in range(0, num_batches * batch, batch):
+    starts = range(0, num_batches * batch, batch)
+    for _, read in data.iter_batches(source, (np.arange(s, s + batch) for s in starts)):
         moments = _batch_moments(
             variables,
-            jax.device_put(np.asarray(images[start : start + batch]), shard),
+            jax.device_put(read["image"], shard),
+            None if "size" not in read else jax.device_put(read["size"], shard),
             model=probe_model,
             transform=transform,
         )
+        if total is not None:
+            # At most one batch in flight: the host never queues (and holds) more images.
+            jax.block_until_ready(total)
         total = moments if total is None else jax.tree.map(jnp.add, total, moments)
     pooled = jax.tree.map(lambda v: np.asarray(v, np.float64) / num_batches, total)
     stats = jax.tree.map(
@@ -125,7 +134,7 @@ def precise_batch_stats(
 def random_init_variables(
     model: models.ContrastiveModel,
     seed: int,
-    images: np.ndarray,
+    images: Any,
     *,
     view_shape: Sequence[int],
     transform_kwargs: Mapping[str, Any],
@@ -145,11 +154,12 @@ def random_init_variables(
     """
     init_key, _ = jax.random.split(jax.random.key(seed))
     variables = models.init_variables(model, init_key, view_shape)
-    order = np.random.default_rng(seed).permutation(images.shape[0])[:num_examples]
+    source = data.as_source(images, "random_init_variables")
+    order = np.random.default_rng(seed).permutation(len(source))[:num_examples]
     stats, used = precise_batch_stats(
         model,
         variables,
-        images[np.sort(order)],
+        data.SubsetSource(source, np.sort(order)),
         transform_kwargs=transform_kwargs,
         batch_size=batch_size,
         mesh=mesh,
@@ -167,21 +177,26 @@ def pixel_size(image_shape: Sequence[int], max_features: int = MAX_PIXEL_FEATURE
 
 
 def pixel_features(
-    images: np.ndarray, *, max_features: int = MAX_PIXEL_FEATURES, batch_size: int = 4096
+    images: Any, *, max_features: int = MAX_PIXEL_FEATURES, batch_size: int = 4096
 ) -> np.ndarray:
     """Raw pixels ``x / 255`` flattened to (N, H * W * C) float32, at native resolution when
     that is at most ``max_features`` values per image, else resized (bilinear, antialiased)
-    to the square of :func:`pixel_size`."""
-    if getattr(images, "ndim", None) != 4:
+    to the square of :func:`pixel_size`. ``images``: uint8 (N, H, W, C), or an image source
+    (``data.open_split``) read ``batch_size`` images at a time. Images stored in canvases
+    (batches with ``'size'``: ImageNet-100) give the centre square of their shorter side,
+    resized to that square."""
+    if not hasattr(images, "read") and getattr(images, "ndim", None) != 4:
         raise ValueError(
             f"pixel_features: images must be uint8 (N, H, W, C); got shape "
             f"{getattr(images, 'shape', None)}."
         )
-    n, height, width, channels = images.shape
+    source = data.as_source(images, "pixel_features")
+    n = len(source)
+    height, width, channels = source.image_shape
     side = pixel_size((height, width, channels), max_features)
-    if height * width * channels <= max_features:
-        return (np.asarray(images, np.float32) / 255.0).reshape(n, -1)
-    out = np.empty((n, side * side * channels), np.float32)
+    native = height * width * channels <= max_features
+    if native and isinstance(source, data.ArraySource) and source.sizes is None:
+        return (np.asarray(source.images, np.float32) / 255.0).reshape(n, -1)
     resize = jax.jit(
         lambda x: jax.image.resize(
             x.astype(jnp.float32) / 255.0,
@@ -190,7 +205,23 @@ def pixel_features(
             antialias=True,
         )
     )
-    for start in range(0, n, batch_size):
-        chunk = resize(jnp.asarray(images[start : start + batch_size]))
-        out[start : start + len(chunk)] = np.asarray(chunk).reshape(len(chunk), -1)
+    out: np.ndarray | None = None
+    starts = range(0, n, batch_size)
+    batches = (np.arange(s, min(s + batch_size, n)) for s in starts)
+    for start, (_, read) in zip(starts, data.iter_batches(source, batches), strict=True):
+        x = read["image"]
+        chunk: Any
+        if "size" in read:
+            chunk = augment.eval_transform(
+                jnp.asarray(x), sizes=jnp.asarray(read["size"]), out_size=side
+            )
+        elif native:
+            chunk = np.asarray(x, np.float32) / 255.0
+        else:
+            chunk = resize(jnp.asarray(x))
+        chunk = np.asarray(chunk).reshape(len(x), -1)
+        if out is None:
+            out = np.empty((n, chunk.shape[1]), np.float32)
+        out[start : start + len(chunk)] = chunk
+    assert out is not None  # n >= 1
     return out

@@ -36,11 +36,16 @@ Getting the data:
   ``ILSVRC2012_img_train.tar`` and ``ILSVRC2012_img_val.tar`` into
   ``<data_dir>/downloads/manual/`` (the place TFDS's ``imagenet2012`` uses), and the first call
   prepares only the 100 classes (about 127k training and 5k validation images). TFDS keeps
-  the JPEGs at their original sizes; the loader decodes them, resizes the shorter side to 256
-  and keeps the centre 256x256 square, inside which the on-device random-resized crop works.
-  Its training split (about 25 GB as uint8 at 256x256) is streamed, not held in memory:
-  evaluate on it with ``make_pretrain_loader(..., splits=("train",), shuffle=False, num_epochs=1,
-  drop_remainder=False)``.
+  the JPEGs at their original sizes; the loader decodes them and resizes each, aspect kept, to
+  a shorter side of 256 (a longer side of 384 for images more elongated than 3:2), and yields
+  it whole in the top-left corner of a 384x384 canvas, with its ``'size'`` (height, width) in
+  the batch. The on-device random-resized crop draws from the whole image, as SimCLR's crop of
+  the full image does, and the evaluation view is the usual resize-256, centre-224
+  (``augment.eval_transform(sizes=...)``). The canvas costs 2.25x the bytes of a 256x256
+  square per image in host batches and host-to-device transfers (442 KB, not 197 KB); the
+  prepared dataset on disk is unchanged. The training split (about 56 GB as canvases) is
+  streamed, never held in memory, by the pretraining loader and by ``dhel-eval``
+  (:func:`open_split`, ``docs/evaluation_memory.md``).
 
 Preparing a dataset needs TensorFlow (``tensorflow-cpu``); reading one does not.
 Multi-host: process ``p`` of ``P`` owns the records ``p, p + P, p + 2P, ...`` (``N // P`` of
@@ -49,11 +54,13 @@ them, so all processes yield the same number of batches) and reads only those.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
 import importlib.util
 import io
+import itertools
 import os
 import socket
 import struct
@@ -61,7 +68,7 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Generator, Iterable, Sequence
 from typing import Any
 
 import grain
@@ -116,6 +123,12 @@ class DatasetInfo:
       std: per-channel standard deviation of the training pixels in [0, 1] units.
       view_size: default side length of the augmented views (``out_size`` of the augmentations).
       eval_crop_fraction: centre-crop fraction of the evaluation transform.
+      resize_shorter: for datasets of varied image sizes (ImageNet): every image is resized,
+        aspect kept, so that its shorter side is this (or its longer side the canvas side
+        ``image_shape[0]``, when that is smaller), and stored whole in the top-left corner of
+        an ``image_shape`` canvas; batches then also hold ``'size'``, the (height, width) of
+        each image in its canvas. ``None``: images are resized and centre-cropped to
+        ``image_shape``.
       in_memory: whether the loaders decode the whole (per-process) split into host memory once,
         rather than decoding records as batches are read.
       needs_manual_download: whether TFDS cannot download the data itself.
@@ -132,6 +145,7 @@ class DatasetInfo:
     std: tuple[float, ...]
     view_size: int
     eval_crop_fraction: float = 1.0
+    resize_shorter: int | None = None
     in_memory: bool = True
     needs_manual_download: bool = False
 
@@ -193,7 +207,9 @@ DATASETS: dict[str, DatasetInfo] = {
             name="imagenet100",
             tfds_name="imagenet100",
             num_classes=100,
-            image_shape=(256, 256, 3),
+            # Shorter side 256 (SimCLR's evaluation resize), kept whole for the random crop;
+            # the 384 canvas keeps every aspect ratio up to 3:2 at that resolution.
+            image_shape=(384, 384, 3),
             pretrain_splits=("train",),
             train_split="train",
             test_split="validation",
@@ -201,6 +217,7 @@ DATASETS: dict[str, DatasetInfo] = {
             std=(0.229, 0.224, 0.225),
             view_size=224,
             eval_crop_fraction=0.875,
+            resize_shorter=256,
             in_memory=False,
             needs_manual_download=True,
         ),
@@ -544,6 +561,36 @@ def _fit_image(image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return out[top : top + height, left : left + width]
 
 
+def _fit_canvas(
+    image: np.ndarray, shape: tuple[int, int, int], shorter: int
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Resizes ``image`` whole, aspect kept, to a shorter side of ``shorter`` (torchvision's
+    ``Resize(shorter)`` sizes: the longer side is truncated), or to a longer side of the canvas
+    side when that is smaller, and stores it in the top-left of a zero ``shape`` canvas.
+
+    Returns:
+      ``(canvas, (height, width))``: the uint8 canvas and the size of the image in it.
+    """
+    side, _, channels = shape
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.shape[-1] != channels:
+        raise ValueError(f"expected {channels} channel(s), got an image of shape {image.shape}")
+    h, w = image.shape[:2]
+    short, long = min(h, w), max(h, w)
+    new_short, new_long = shorter, int(shorter * long / short)
+    if new_long > side:
+        new_short, new_long = max(1, int(side * short / long)), side
+    new_h, new_w = (new_short, new_long) if h <= w else (new_long, new_short)
+    if (new_h, new_w) != (h, w):
+        pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+        pil = pil.resize((new_w, new_h), Image.Resampling.BILINEAR)
+        image = np.asarray(pil).reshape(new_h, new_w, channels)
+    canvas = np.zeros(shape, np.uint8)
+    canvas[:new_h, :new_w] = image
+    return canvas, (new_h, new_w)
+
+
 def _get_records(source: Any, keys: list[int]) -> Sequence[dict]:
     """``source.__getitems__(keys)`` (batched reads, ~3x faster), else one record at a time."""
     try:
@@ -556,19 +603,34 @@ def _get_records(source: Any, keys: list[int]) -> Sequence[dict]:
 class _Records:
     """Random access to the concatenation of several TFDS data sources, as uint8 batches."""
 
-    def __init__(self, sources: Sequence[Any], image_shape: tuple[int, int, int]):
+    def __init__(
+        self,
+        sources: Sequence[Any],
+        image_shape: tuple[int, int, int],
+        resize_shorter: int | None = None,
+    ):
         self._sources = list(sources)
         self._offsets = np.cumsum([0] + [len(s) for s in self._sources])
-        self._image_shape = image_shape
+        self.image_shape = image_shape
+        self.resize_shorter = resize_shorter
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Decodes records ``indices`` (in order) into uint8 images and int32 labels."""
+    def _empty(self, n: int) -> dict[str, np.ndarray]:
+        batch: dict[str, np.ndarray] = {
+            "image": np.empty((n, *self.image_shape), np.uint8),
+            "label": np.empty((n,), np.int32),
+        }
+        if self.resize_shorter is not None:
+            batch["size"] = np.empty((n, 2), np.int32)
+        return batch
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Decodes records ``indices`` (in order): ``{'image': uint8, 'label': int32}``, and
+        ``'size'`` (int32 (height, width) in the canvas) with ``resize_shorter``."""
         indices = np.asarray(indices, np.int64)
-        images = np.empty((len(indices), *self._image_shape), np.uint8)
-        labels = np.empty((len(indices),), np.int32)
+        batch = self._empty(len(indices))
         which = np.searchsorted(self._offsets, indices, side="right") - 1
         for s, source in enumerate(self._sources):
             (rows,) = np.nonzero(which == s)
@@ -576,34 +638,40 @@ class _Records:
                 continue
             keys = (indices[rows] - self._offsets[s]).tolist()
             for row, record in zip(rows, _get_records(source, keys), strict=True):
-                images[row] = _fit_image(np.asarray(record["image"]), self._image_shape)
-                labels[row] = record["label"]
-        return images, labels
+                image = np.asarray(record["image"])
+                if self.resize_shorter is None:
+                    batch["image"][row] = _fit_image(image, self.image_shape)
+                else:
+                    batch["image"][row], batch["size"][row] = _fit_canvas(
+                        image, self.image_shape, self.resize_shorter
+                    )
+                batch["label"][row] = record["label"]
+        return batch
 
-    def read_all(self, indices: np.ndarray, num_threads: int) -> tuple[np.ndarray, np.ndarray]:
+    def read_all(self, indices: np.ndarray, num_threads: int) -> dict[str, np.ndarray]:
         """Like :meth:`read`, decoding chunks in parallel threads (decoders release the GIL)."""
         indices = np.asarray(indices, np.int64)
-        images = np.empty((len(indices), *self._image_shape), np.uint8)
-        labels = np.empty((len(indices),), np.int32)
+        batch = self._empty(len(indices))
         starts = range(0, len(indices), 2048)
 
         def read_chunk(start: int) -> None:
             stop = start + 2048
-            images[start:stop], labels[start:stop] = self.read(indices[start:stop])
+            for key, value in self.read(indices[start:stop]).items():
+                batch[key][start:stop] = value
 
         with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
             list(pool.map(read_chunk, starts))
-        return images, labels
+        return batch
 
 
 class _InMemoryShard:
     """A process's shard decoded into host memory; ``read`` takes indices into the shard."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
+    def __init__(self, batch: dict[str, np.ndarray]):
+        self.batch = batch
 
-    def read(self, local_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return self.images[local_indices], self.labels[local_indices]
+    def read(self, local_indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {key: value[local_indices] for key, value in self.batch.items()}
 
 
 class _StreamedShard:
@@ -612,19 +680,19 @@ class _StreamedShard:
     def __init__(self, records: _Records, shard_index: int, shard_count: int):
         self.records, self.shard_index, self.shard_count = records, shard_index, shard_count
 
-    def read(self, local_indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, local_indices: np.ndarray) -> dict[str, np.ndarray]:
         return self.records.read(self.shard_index + self.shard_count * np.asarray(local_indices))
 
 
 class _ReadBatch(grain.transforms.Map):
-    """grain map: a batch of shard indices -> ``{'image': uint8 [B,H,W,C], 'label': int32 [B]}``."""
+    """grain map: a batch of shard indices -> ``{'image': uint8 [B,H,W,C], 'label': int32 [B]}``
+    (and ``'size'``: int32 [B, 2] for datasets with ``resize_shorter``)."""
 
     def __init__(self, shard: _InMemoryShard | _StreamedShard):
         self._shard = shard
 
     def map(self, local_indices: np.ndarray) -> dict[str, np.ndarray]:
-        images, labels = self._shard.read(np.asarray(local_indices, np.int64))
-        return {"image": images, "label": labels}
+        return self._shard.read(np.asarray(local_indices, np.int64))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,14 +750,171 @@ def load_split(
       ``(images, labels)``: uint8 ``[N, H, W, C]`` with ``(H, W, C) = image_shape`` and int32
       ``[N]`` (``-1`` for unlabelled records, e.g. stl10's ``unlabelled`` split).
 
-    ``imagenet100``'s training split is about 25 GB this way; stream it with
-    :func:`make_pretrain_loader` instead (see the module docstring). Other arguments are those
-    of :func:`prepare`; ``num_threads`` threads decode the records.
+    ``imagenet100``'s training split is about 56 GB this way, and its images are canvases
+    whose valid sizes only :func:`open_split` and the loaders give; read it with those (see
+    the module docstring). Other arguments are those of :func:`prepare`; ``num_threads``
+    threads decode the records.
     """
     info = get_dataset_info(name)
     (source,) = _open_splits(info, _as_splits(info, split), data_dir, local_dir, network_timeout)
-    records = _Records([source], info.image_shape)
-    return records.read_all(np.arange(len(records)), num_threads)
+    records = _Records([source], info.image_shape, info.resize_shorter)
+    batch = records.read_all(np.arange(len(records)), num_threads)
+    return batch["image"], batch["label"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Random access to one split, for evaluation: in host memory, or streamed from the records.
+
+
+class ArraySource:
+    """A split held in host memory (uint8 images, int32 labels): the in-memory image source.
+
+    An *image source* (what :func:`open_split` returns and ``dhel_jax.evaluate`` reads) has
+    ``len(source)``, ``source.image_shape`` ``(H, W, C)`` and ``source.read(indices)``, which
+    returns ``{'image': uint8 [n, H, W, C], 'label': int32 [n]}`` for the records ``indices``
+    in that order, and ``'size'`` (int32 [n, 2], each image's (height, width) in its canvas)
+    for datasets stored in canvases (``DatasetInfo.resize_shorter``).
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None = None,
+        sizes: np.ndarray | None = None,
+    ):
+        self.images = images
+        self.labels = np.full(len(images), -1, np.int32) if labels is None else labels
+        self.sizes = sizes
+        if len(self.labels) != len(images) or (sizes is not None and len(sizes) != len(images)):
+            raise ValueError(
+                f"ArraySource: {len(images)} images but {len(self.labels)} labels"
+                f"{'' if sizes is None else f' and {len(sizes)} sizes'}; one per image."
+            )
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        indices = np.asarray(indices, np.int64)
+        batch = {"image": self.images[indices], "label": np.asarray(self.labels[indices], np.int32)}
+        if self.sizes is not None:
+            batch["size"] = np.asarray(self.sizes[indices], np.int32)
+        return batch
+
+
+class RecordSource:
+    """A split decoded from its TFDS records on each :meth:`read` (an image source, see
+    :class:`ArraySource`): host memory holds only what is being read."""
+
+    def __init__(self, records: _Records):
+        self._records = records
+        self.image_shape = records.image_shape
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return self._records.read(indices)
+
+
+class SubsetSource:
+    """The records ``indices`` of an image ``source``, renumbered ``0 .. len(indices) - 1``."""
+
+    def __init__(self, source: Any, indices: Sequence[int] | np.ndarray):
+        self._source = source
+        self._indices = np.asarray(indices, np.int64)
+        self.image_shape = tuple(source.image_shape)
+        if self._indices.size and (self._indices.min() < 0 or self._indices.max() >= len(source)):
+            raise ValueError(
+                f"SubsetSource: indices must lie in [0, {len(source)}); got "
+                f"[{self._indices.min()}, {self._indices.max()}]."
+            )
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return self._source.read(self._indices[np.asarray(indices, np.int64)])
+
+
+def as_source(images: Any, fn: str = "as_source") -> Any:
+    """``images`` as an image source: an image source itself, or an :class:`ArraySource` of
+    a uint8 ``(N, H, W, C)`` array; ValueError (naming ``fn``) for anything else or N = 0."""
+    if hasattr(images, "read") and hasattr(images, "image_shape"):
+        source = images
+    else:
+        shape = getattr(images, "shape", None)
+        if shape is None or len(shape) != 4:
+            raise ValueError(
+                f"{fn}: images must be an array of shape (N, H, W, C) with N >= 1, or an image "
+                f"source (dhel_jax.data.open_split); got {None if shape is None else tuple(shape)}."
+            )
+        source = ArraySource(images)
+    if len(source) < 1 or len(tuple(source.image_shape)) != 3:
+        raise ValueError(
+            f"{fn}: images must hold N >= 1 images of shape (H, W, C); got {len(source)} of "
+            f"shape {tuple(source.image_shape)}."
+        )
+    return source
+
+
+def iter_batches(
+    source: Any,
+    index_batches: Iterable[np.ndarray],
+    *,
+    num_threads: int = 4,
+    prefetch: int = 4,
+) -> Generator[tuple[np.ndarray, dict[str, np.ndarray]], None, None]:
+    """``(indices, source.read(indices))`` for each batch of ``index_batches``, in order.
+
+    ``num_threads`` threads decode up to ``prefetch`` batches ahead (decoders release the GIL),
+    so host memory holds at most ``prefetch + 1`` batches, whatever the size of the split.
+    """
+    if num_threads < 1 or prefetch < 1:
+        raise ValueError(
+            f"iter_batches: num_threads and prefetch must be >= 1; got {num_threads}, {prefetch}."
+        )
+    pending: collections.deque = collections.deque()
+    batches = iter(index_batches)
+    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
+        for indices in itertools.islice(batches, prefetch):
+            pending.append((indices, pool.submit(source.read, indices)))
+        while pending:
+            indices, future = pending.popleft()
+            batch = future.result()
+            for more in itertools.islice(batches, 1):
+                pending.append((more, pool.submit(source.read, more)))
+            yield indices, batch
+
+
+def open_split(
+    name: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    in_memory: bool | None = None,
+    local_dir: str = DEBIAN_FASHION_MNIST_DIR,
+    network_timeout: float = 3.0,
+    num_threads: int = 8,
+) -> ArraySource | RecordSource:
+    """An image source (see :class:`ArraySource`) of one split, in the stored order.
+
+    ``in_memory`` (default: the dataset's ``in_memory``) decodes the split into host memory
+    once, as :func:`load_split`; otherwise every read decodes its records, and an evaluation
+    that streams the split holds only its features (``docs/evaluation_memory.md``). Other
+    arguments are those of :func:`load_split`.
+    """
+    info = get_dataset_info(name)
+    (source,) = _open_splits(info, _as_splits(info, split), data_dir, local_dir, network_timeout)
+    records = _Records([source], info.image_shape, info.resize_shorter)
+    if info.in_memory if in_memory is None else in_memory:
+        batch = records.read_all(np.arange(len(records)), num_threads)
+        return ArraySource(batch["image"], batch["label"], batch.get("size"))
+    return RecordSource(records)
 
 
 def make_pretrain_loader(
@@ -742,7 +967,8 @@ def make_pretrain_loader(
 
     Returns:
       A ``grain.IterDataset`` of ``{'image': uint8 [B_local, H, W, C], 'label': int32
-      [B_local]}`` (label ``-1`` for unlabelled records).
+      [B_local]}`` (label ``-1`` for unlabelled records), plus ``'size'`` (int32 [B_local, 2],
+      each image's (height, width) in its canvas) for datasets with ``resize_shorter``.
     """
     info = get_dataset_info(name)
     index, count = _process(process_index, process_count)
@@ -759,7 +985,7 @@ def make_pretrain_loader(
     local_batch = global_batch_size // count
 
     sources = _open_splits(info, _as_splits(info, splits), data_dir, local_dir, network_timeout)
-    records = _Records(sources, info.image_shape)
+    records = _Records(sources, info.image_shape, info.resize_shorter)
     shard_size = len(records) // count
     if shard_size < local_batch:
         raise ValueError(
@@ -769,7 +995,7 @@ def make_pretrain_loader(
     if info.in_memory if in_memory is None else in_memory:
         owned = index + count * np.arange(shard_size)
         shard: _InMemoryShard | _StreamedShard = _InMemoryShard(
-            *records.read_all(owned, max(1, read_threads))
+            records.read_all(owned, max(1, read_threads))
         )
     else:
         shard = _StreamedShard(records, index, count)

@@ -8,7 +8,12 @@
 2. extracts frozen encoder features f(x) and projections g(f(x)) of the dataset's train and test
    splits under the deterministic evaluation transform (``augment.eval_transform``: centre crop,
    resize to the training view size, the training normalisation), BatchNorm in inference mode,
-   each batch sharded over a ``('data',)`` mesh of the local devices (:func:`extract_features`);
+   each batch sharded over a ``('data',)`` mesh of the local devices (:func:`extract_features`).
+   The splits are image sources (``data.open_split``): small datasets are decoded into host
+   memory once; the others (``in_memory=False``: STL-10, ImageNet-100) are read batch by batch,
+   in order, a few batches ahead, for the extraction, the paper probe's epochs and the
+   baselines alike, so that host memory holds their features, never their images
+   (``docs/evaluation_memory.md``);
 3. computes
    * the linear-probe top-1 test accuracy, protocol ``fast`` or ``paper`` (below);
    * the weighted kNN top-1 test accuracy on the features (``probes.knn_accuracy``: cosine
@@ -70,6 +75,7 @@ Evaluation runs in one process, over its local devices.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -127,16 +133,29 @@ def _keyword_defaults(fn: Callable[..., Any], exclude: Sequence[str] = ()) -> di
 
 @functools.partial(jax.jit, static_argnames=("model", "transform"))
 def _eval_outputs(
-    variables: Any, images: Array, index: Array, *, model: Any, transform: tuple
+    variables: Any,
+    images: Array,
+    sizes: Array | None,
+    index: Array,
+    *,
+    model: Any,
+    transform: tuple,
 ) -> dict[str, Array]:
     del index
-    x = augment.eval_transform(images, **dict(transform))
+    x = augment.eval_transform(images, sizes=sizes, **dict(transform))
     return model.apply(variables, x, train=False)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "view_kwargs", "seed"))
 def _view_outputs(
-    variables: Any, images: Array, index: Array, *, model: Any, view_kwargs: tuple, seed: int
+    variables: Any,
+    images: Array,
+    sizes: Array | None,
+    index: Array,
+    *,
+    model: Any,
+    view_kwargs: tuple,
+    seed: int,
 ) -> dict[str, Array]:
     kwargs = dict(view_kwargs)
     base = jax.random.key(seed)
@@ -144,11 +163,20 @@ def _view_outputs(
     # batch size, the padding or the number of devices.
     keys = jax.vmap(lambda i: jax.random.split(jax.random.fold_in(base, i)))(index)
 
-    def one_view(image: Array, key: Array) -> Array:
-        return augment.augment(image[None], key, **kwargs)[0]
+    if sizes is None:
 
-    v1 = jax.vmap(one_view)(images, keys[:, 0])
-    v2 = jax.vmap(one_view)(images, keys[:, 1])
+        def one_view(image: Array, key: Array) -> Array:
+            return augment.augment(image[None], key, **kwargs)[0]
+
+        v1 = jax.vmap(one_view)(images, keys[:, 0])
+        v2 = jax.vmap(one_view)(images, keys[:, 1])
+    else:
+
+        def one_view_in(image: Array, size: Array, key: Array) -> Array:
+            return augment.augment(image[None], key, sizes=size[None], **kwargs)[0]
+
+        v1 = jax.vmap(one_view_in)(images, sizes, keys[:, 0])
+        v2 = jax.vmap(one_view_in)(images, sizes, keys[:, 1])
     # Interleaved (rows 2i, 2i + 1: the views of image i), so every row stays on the device of
     # its image: no cross-device traffic (a concatenation would move half the rows).
     b = images.shape[0]
@@ -163,51 +191,75 @@ def _mesh_or_default(mesh: Mesh | None) -> Mesh:
     return parallel.data_mesh(jax.local_devices()) if mesh is None else mesh
 
 
-def _check_images(images: Any, fn: str) -> None:
-    shape = getattr(images, "shape", None)
-    if shape is None or len(shape) != 4 or shape[0] < 1:
-        raise ValueError(
-            f"{fn}: images must be an array of shape (N, H, W, C) with N >= 1; got "
-            f"{None if shape is None else tuple(shape)}."
-        )
-
-
 def _map_batches(
-    fn: Callable[[Any, Array, Array], dict[str, Array]],
+    fn: Callable[[Any, Array, Array | None, Array], dict[str, Array]],
     variables: Any,
-    images: np.ndarray,
+    source: Any,
     *,
     batch_size: int,
     mesh: Mesh,
-) -> dict[str, np.ndarray]:
-    """``fn(variables, images[batch], indices[batch])`` over the whole split, batch-sharded.
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """``fn(variables, images[batch], sizes[batch], indices[batch])`` over the whole source,
+    batch-sharded (``sizes``: the batch's ``'size'``, None when the source has none).
 
     The batch is rounded up to a multiple of the devices of ``mesh``; the last batch is padded
-    with zero images (and index 0) and the padding dropped from the outputs.
+    with zero images (full canvas sizes, index 0) and the padding dropped from the outputs.
+    Batches are read from ``source`` in order, a few ahead (``data.iter_batches``), and every
+    output is copied into one preallocated host array: host memory is the outputs plus a few
+    batches.
+
+    Returns:
+      ``(outputs, labels)``: the outputs of every image, and the labels ``source`` read.
     """
-    n = images.shape[0]
+    n = len(source)
     devices = mesh.devices.size
     batch = -(-min(batch_size, n) // devices) * devices
     shard = parallel.batch_sharding(mesh)
     variables = jax.device_put(variables, parallel.replicated(mesh))
-    outputs = []
-    for start in range(0, n, batch):
-        x = np.asarray(images[start : start + batch])
+    starts = range(0, n, batch)
+    reads = data.iter_batches(source, (np.arange(s, min(s + batch, n)) for s in starts))
+    labels = np.empty((n,), np.int32)
+    host: dict[str, np.ndarray] = {}
+    in_flight: list[tuple[int, dict[str, Array]]] = []
+
+    def fetch(start: int, out: Mapping[str, Array]) -> None:
+        out = jax.device_get(out)
+        for key, value in out.items():
+            if key not in host:
+                host[key] = np.empty((n, *value.shape[1:]), value.dtype)
+            rows = min(batch, n - start)
+            host[key][start : start + rows] = value[:rows]
+
+    for start, (_, read) in zip(starts, reads, strict=True):
+        x, sizes = read["image"], read.get("size")
+        labels[start : start + len(x)] = read["label"]
         index = np.arange(start, start + len(x), dtype=np.int32)
         if len(x) < batch:
             pad = batch - len(x)
             x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
             index = np.concatenate([index, np.zeros(pad, np.int32)])
-        # Dispatch is asynchronous: the next batch is prepared while this one runs.
-        outputs.append(fn(variables, jax.device_put(x, shard), jax.device_put(index, shard)))
-    host = jax.device_get(outputs)
-    return {k: np.concatenate([o[k] for o in host])[:n] for k in host[0]}
+            if sizes is not None:
+                sizes = np.concatenate(
+                    [sizes, np.tile(np.asarray(x.shape[1:3], np.int32), (pad, 1))]
+                )
+        if sizes is not None:
+            sizes = jax.device_put(sizes, shard)
+        # Dispatch is asynchronous: the next batch is read while this one runs; outputs are
+        # fetched two batches behind so that the device never waits for the host.
+        in_flight.append(
+            (start, fn(variables, jax.device_put(x, shard), sizes, jax.device_put(index, shard)))
+        )
+        if len(in_flight) > 2:
+            fetch(*in_flight.pop(0))
+    for pending in in_flight:
+        fetch(*pending)
+    return host, labels
 
 
 def extract_features(
     model: Any,
     variables: Mapping[str, Any],
-    images: np.ndarray,
+    images: Any,
     *,
     batch_size: int = 1024,
     mesh: Mesh | None = None,
@@ -222,7 +274,8 @@ def extract_features(
     Args:
       model: a ``models.ContrastiveModel`` (``builders.build_model(config)``).
       variables: ``{"params": ..., "batch_stats": ...}``.
-      images: uint8 (N, H, W, C).
+      images: uint8 (N, H, W, C), or an image source (``data.open_split``) read batch by
+        batch in order: host memory then holds the features and a few batches, not the images.
       batch_size: images per step, rounded up to a multiple of the device count.
       transform_kwargs: keyword arguments of ``augment.eval_transform``
         (``builders.eval_transform_kwargs(config)``).
@@ -230,20 +283,41 @@ def extract_features(
     Returns:
       ``{"features": (N, F), "projections": (N, P)}`` float32 NumPy arrays.
     """
-    fn = "extract_features"
-    _check_images(images, fn)
+    return _extract(
+        model,
+        variables,
+        images,
+        batch_size=batch_size,
+        mesh=mesh,
+        transform_kwargs=transform_kwargs,
+        fn="extract_features",
+    )[0]
+
+
+def _extract(
+    model: Any,
+    variables: Mapping[str, Any],
+    images: Any,
+    *,
+    batch_size: int,
+    mesh: Mesh | None,
+    transform_kwargs: Mapping[str, Any] | None,
+    fn: str = "extract_features",
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """:func:`extract_features` and the labels read with the images."""
+    source = data.as_source(images, fn)
     check_int(batch_size, "batch_size", fn=fn)
     transform = tuple(sorted((transform_kwargs or {}).items()))
     apply = functools.partial(_eval_outputs, model=model, transform=transform)
     return _map_batches(
-        apply, variables, images, batch_size=batch_size, mesh=_mesh_or_default(mesh)
+        apply, variables, source, batch_size=batch_size, mesh=_mesh_or_default(mesh)
     )
 
 
 def extract_view_features(
     model: Any,
     variables: Mapping[str, Any],
-    images: np.ndarray,
+    images: Any,
     *,
     augment_kwargs: Mapping[str, Any],
     seed: int = 0,
@@ -260,11 +334,13 @@ def extract_view_features(
       ``(view1, view2)``, each ``{"features": (N, F), "projections": (N, P)}``.
     """
     fn = "extract_view_features"
-    _check_images(images, fn)
+    source = data.as_source(images, fn)
     check_int(batch_size, "batch_size", fn=fn)
     kwargs = tuple(sorted(dict(augment_kwargs).items()))
     apply = functools.partial(_view_outputs, model=model, view_kwargs=kwargs, seed=int(seed))
-    out = _map_batches(apply, variables, images, batch_size=batch_size, mesh=_mesh_or_default(mesh))
+    out, _ = _map_batches(
+        apply, variables, source, batch_size=batch_size, mesh=_mesh_or_default(mesh)
+    )
     return tuple({name: out[f"{name}_{v}"] for name in OUTPUTS} for v in (1, 2))  # type: ignore[return-value]
 
 
@@ -339,7 +415,7 @@ def crop_flip_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def paper_linear_probe(
     apply_fn: Callable[[Any, Array], Array],
     variables: Any,
-    train_images: np.ndarray,
+    train_images: Any,
     train_labels: np.ndarray,
     test_features: np.ndarray,
     test_labels: np.ndarray,
@@ -372,7 +448,9 @@ def paper_linear_probe(
       apply_fn: jittable frozen encoder; gradients never flow into it.
       variables: its variables (passed to ``apply_fn`` as an argument, not baked into the
         program).
-      train_images: uint8 (N, H, W, C); train_labels: (N,) integers in [0, num_classes).
+      train_images: uint8 (N, H, W, C), or an image source (``data.open_split``) whose
+        batches are read a few steps ahead (host memory: a few batches, not the images);
+        train_labels: (N,) integers in [0, num_classes).
       test_features: (N_test, F); test_labels: (N_test,).
       view_kwargs: ``augment.augment`` keywords (:func:`crop_flip_kwargs`).
       mesh: a ``('data',)`` mesh (default: every local accelerator; one device on CPUs).
@@ -383,8 +461,8 @@ def paper_linear_probe(
       "train_loss": last epoch's mean loss, "steps": number of SGD steps}``.
     """
     fn = "paper_linear_probe"
-    _check_images(train_images, fn)
-    n = train_images.shape[0]
+    source = data.as_source(train_images, fn)
+    n = len(source)
     if mesh is None:
         devices = jax.local_devices()
         if devices[0].platform == "cpu":
@@ -420,7 +498,7 @@ def paper_linear_probe(
     probe_shape = jax.eval_shape(
         lambda v, x: apply_fn(v, augment.augment(x, jax.random.key(0), **view_kwargs)),
         variables,
-        jax.ShapeDtypeStruct((2, *train_images.shape[1:]), jnp.uint8),
+        jax.ShapeDtypeStruct((2, *source.image_shape), jnp.uint8),
     )
     num_features = probe_shape.shape[-1]
     replicated = parallel.replicated(mesh)
@@ -433,8 +511,17 @@ def paper_linear_probe(
     variables = jax.device_put(variables, replicated)
     base_key = jax.random.key(seed)
 
-    def step(params, opt_state, variables, images, labels, step_index):
-        views = augment.augment(images, jax.random.fold_in(base_key, step_index), **view_kwargs)
+    # Sources of images in canvases (ImageNet-100) give each image's size; the crop is then
+    # drawn in the image. Others pass a placeholder, unused.
+    has_sizes = "size" in source.read(np.zeros(1, np.int64))
+
+    def step(params, opt_state, variables, images, sizes, labels, step_index):
+        views = augment.augment(
+            images,
+            jax.random.fold_in(base_key, step_index),
+            sizes=sizes if has_sizes else None,
+            **view_kwargs,
+        )
         features = jax.lax.stop_gradient(apply_fn(variables, views)).astype(jnp.float32)
 
         def loss_fn(p):
@@ -448,11 +535,19 @@ def paper_linear_probe(
 
     jitted = jax.jit(
         step,
-        in_shardings=(replicated, replicated, replicated, shard, shard, None),
+        in_shardings=(replicated, replicated, replicated, shard, shard, shard, None),
         out_shardings=(replicated, replicated, replicated, replicated),
         donate_argnums=(0, 1),
     )
     rng = np.random.default_rng(seed)
+
+    def index_batches() -> Iterator[np.ndarray]:
+        for _ in range(epochs):
+            order = rng.permutation(n)
+            for s in range(steps_per_epoch):
+                yield np.sort(order[s * batch_size : (s + 1) * batch_size])
+
+    reads = data.iter_batches(source, index_batches())
     bar = None
     if progress:
         import tqdm
@@ -460,24 +555,31 @@ def paper_linear_probe(
         bar = tqdm.tqdm(total=epochs, desc="paper probe", unit="epoch", dynamic_ncols=True)
     step_index = 0
     loss_sum = acc_sum = jnp.zeros((), jnp.float32)
+    # Dispatch is asynchronous: unchecked, the host would queue every batch of the epoch (and
+    # hold its images) while the device is busy. It stays at most two steps ahead.
+    in_flight: collections.deque = collections.deque()
     for _ in range(epochs):
-        order = rng.permutation(n)
         loss_sum = acc_sum = jnp.zeros((), jnp.float32)
-        for s in range(steps_per_epoch):
-            idx = np.sort(order[s * batch_size : (s + 1) * batch_size])
+        for _ in range(steps_per_epoch):
+            idx, read = next(reads)
             params, opt_state, loss, acc = jitted(
                 params,
                 opt_state,
                 variables,
-                jax.device_put(train_images[idx], shard),
+                jax.device_put(read["image"], shard),
+                jax.device_put(read.get("size", np.zeros((len(idx), 2), np.int32)), shard),
                 jax.device_put(train_labels[idx], shard),
                 np.int32(step_index),
             )
             loss_sum, acc_sum = loss_sum + loss, acc_sum + acc
             step_index += 1
+            in_flight.append(loss)
+            if len(in_flight) > 2:
+                in_flight.popleft().block_until_ready()
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(f"loss {float(loss_sum) / steps_per_epoch:.4f}")
+    reads.close()
     if bar is not None:
         bar.close()
     w, b = jax.device_get((params["kernel"], params["bias"]))
@@ -783,7 +885,7 @@ def _linear_probe(
     config: ml_collections.ConfigDict,
     model: Any,
     variables: Any,
-    splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    splits: Mapping[str, tuple[Any, np.ndarray]],
     features: Mapping[str, Mapping[str, np.ndarray]],
     *,
     num_classes: int,
@@ -850,7 +952,7 @@ def _baselines(
     settings: EvalSettings,
     config: ml_collections.ConfigDict,
     model: Any,
-    splits: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    splits: Mapping[str, tuple[Any, np.ndarray]],
     *,
     num_classes: int,
     mesh: Mesh,
@@ -866,7 +968,7 @@ def _baselines(
         model,
         config.seed,
         train_x,
-        view_shape=(size, size, train_x.shape[-1]),
+        view_shape=(size, size, train_x.image_shape[-1]),
         transform_kwargs=transform,
         batch_size=settings.batch_size,
         mesh=mesh,
@@ -923,7 +1025,7 @@ def _baselines(
             ),
         },
         "knn": _knn(settings, pixels_train, train_y, pixels_test, test_y, num_classes),
-        "image_size": baselines.pixel_size(train_x.shape[1:]),
+        "image_size": baselines.pixel_size(train_x.image_shape),
         "dim": int(pixels_train.shape[1]),
     }
     return {"random_init": random_init, "pixels": pixels}
@@ -1016,35 +1118,39 @@ def evaluate(
     data_dir = config.get("data_dir") if data_dir is None else data_dir
     paper_mesh, mesh = mesh, _mesh_or_default(mesh)
 
-    splits: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # Small datasets are decoded into host memory once; the others (``in_memory=False``:
+    # STL-10, ImageNet-100) are read batch by batch, so host memory holds their features only.
+    sources: dict[str, Any] = {}
+    names = {"train": info.train_split, "test": info.test_split}
     with timer("load_data"):
-        for key, split in (("train", info.train_split), ("test", info.test_split)):
-            splits[key] = data.load_split(config.dataset, split, data_dir=data_dir)
-            if splits[key][1].min() < 0:
-                raise ValueError(
-                    f"evaluate: {config.dataset}'s {split!r} split has unlabelled records; the "
-                    "probes need labels."
-                )
-    (_, train_y), (test_x, test_y) = splits["train"], splits["test"]
+        for key, split in names.items():
+            sources[key] = data.open_split(config.dataset, split, data_dir=data_dir)
     model = builders.build_model(config)
-    num_pairs = min(settings.geometry_examples, len(test_y))
+    num_pairs = min(settings.geometry_examples, len(sources["test"]))
+    splits: dict[str, tuple[Any, np.ndarray]] = {}
+    features: dict[str, dict[str, np.ndarray]] = {}
     with timer("extract_features"):
         transform = builders.eval_transform_kwargs(config)
-        features = {
-            key: extract_features(
+        for key, source in sources.items():
+            features[key], labels = _extract(
                 model,
                 variables,
-                images,
+                source,
                 batch_size=settings.batch_size,
                 mesh=mesh,
                 transform_kwargs=transform,
             )
-            for key, (images, _) in splits.items()
-        }
+            if labels.min() < 0:
+                raise ValueError(
+                    f"evaluate: {config.dataset}'s {names[key]!r} split has unlabelled records; "
+                    "the probes need labels."
+                )
+            splits[key] = (source, labels)
+        (_, train_y), (_, test_y) = splits["train"], splits["test"]
         view1, view2 = extract_view_features(
             model,
             variables,
-            test_x[:num_pairs],
+            data.SubsetSource(sources["test"], np.arange(num_pairs)),
             augment_kwargs=builders.augment_kwargs(config),
             seed=settings.seed,
             batch_size=settings.batch_size,

@@ -405,7 +405,8 @@ def train_step(
 
     Args:
       state: the current :class:`TrainState`.
-      batch: ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}``.
+      batch: ``{"image": uint8 (B, H, W, C), "label": int32 (B,)}``, and ``"size"``: int32
+        (B, 2) for images stored in canvases (``data.DatasetInfo.resize_shorter``).
       model, tx, loss_fn, learning_rate_fn: the model, its optimiser, a loss from
         ``losses.get_loss`` and the optimiser's learning-rate schedule (for the metrics).
       view_kwargs: keyword arguments of ``augment.two_views``.
@@ -418,7 +419,7 @@ def train_step(
     """
     images, labels = batch["image"], batch["label"]
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    x1, x2 = augment.two_views(images, key, **view_kwargs)
+    x1, x2 = augment.two_views(images, key, sizes=batch.get("size"), **view_kwargs)
     b = images.shape[0]
     views = jnp.stack([x1, x2], axis=1).reshape((2 * b, *x1.shape[1:]))
     if sharding is not None:

@@ -252,6 +252,104 @@ def test_crop_and_resize_matches_pil(rng):
 
 
 # ----------------------------------------------------------------------------------------------
+# Images stored in the top-left of a larger canvas (ImageNet-100: ``sizes``).
+
+
+def test_crop_and_resize_in_a_canvas_reads_only_the_image(rng):
+    """The canvas's padding is never read: the result is PIL's resize of the box of the image
+    alone, also for boxes touching the image's right and bottom edges."""
+    image = rng.random((30, 44, 3)).astype(np.float32)
+    canvas = np.full((48, 48, 3), 7.0, np.float32)  # padding far outside [0, 1]
+    canvas[:30, :44] = image
+    fn = jax.jit(augment.crop_and_resize_in, static_argnames="out_size")
+    for (top, left, h, w), out in (
+        ((0, 0, 30, 44), (16, 16)),  # the whole image, downscaled
+        ((12, 20, 18, 24), (9, 11)),  # touching the bottom-right corner
+        ((20, 30, 10, 14), (25, 31)),  # upscaled, touching it too
+    ):
+        ours = fn(
+            jnp.asarray(canvas), jnp.array([30, 44]), jnp.array([top, left, h, w]), out_size=out
+        )
+        ref = _pil_resize(image, out, box=(left, top, left + w, top + h))
+        np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 160), (40, 40), (10, 200)])
+def test_crop_box_in_equals_the_static_box_for_the_same_size(height, width):
+    keys = jax.random.split(jax.random.key(3), 500)
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (augment._CROP_UNIFORMS,)))(keys)
+    scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
+    static = jax.vmap(lambda u: augment._crop_box(u, height, width, scale, ratio))(uniforms)
+    size = jnp.int32(height), jnp.int32(width)
+    traced = jax.vmap(lambda u: augment._crop_box_in(u, *size, scale, ratio))(uniforms)
+    np.testing.assert_array_equal(traced, static)
+
+
+def test_views_of_a_canvas_crop_the_whole_image_and_nothing_else():
+    """A 24x60 image (coloured 0.1 .. 0.9 by column) in a 64x64 canvas of 255s: over many
+    views every pixel comes from the image (never 1.0), and the crops reach both of its ends,
+    which a centre-square crop of the image would never see."""
+    height, width, canvas_side = 24, 60, 64
+    column = np.round(np.linspace(0.1, 0.9, width) * 255).astype(np.uint8)
+    canvas = np.full((canvas_side, canvas_side, 1), 255, np.uint8)
+    canvas[:height, :width, 0] = column[None, :]
+    n = 256
+    images = jnp.asarray(np.broadcast_to(canvas, (n, *canvas.shape)))
+    sizes = jnp.asarray(np.tile([height, width], (n, 1)), jnp.int32)
+    views = np.asarray(
+        augment.augment(
+            images,
+            jax.random.key(0),
+            sizes=sizes,
+            out_size=8,
+            **{k: v for k, v in NOTHING.items() if k not in IDENTITY_CROP},
+        )
+    )
+    assert views.max() <= 0.9 + 1e-6 and views.min() >= 0.1 - 1e-6
+    # The centre 24x24 square spans columns 18..41, i.e. values in [0.35, 0.65].
+    assert views.min() < 0.15 and views.max() > 0.85
+    # Same keys, same image without a canvas: the same views.
+    alone = augment.augment(
+        jnp.asarray(np.broadcast_to(canvas[:height, :width], (n, height, width, 1))),
+        jax.random.key(0),
+        out_size=8,
+        **{k: v for k, v in NOTHING.items() if k not in IDENTITY_CROP},
+    )
+    np.testing.assert_allclose(views, alone, atol=1e-5)
+
+
+def test_eval_transform_with_sizes_is_resize_256_then_centre_224(rng):
+    """A 300x500 photo resized (PIL, shorter side 256: 256x426) into a 448x448 canvas; the view
+    equals the centre 224x224 of the resized image, as torchvision's Resize(256) +
+    CenterCrop(224) (top (256 - 224) // 2 = 16, left (426 - 224) // 2 = 101)."""
+    photo = rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)
+    resized = np.asarray(Image.fromarray(photo).resize((426, 256), Image.BILINEAR))
+    canvas = np.zeros((1, 448, 448, 3), np.uint8)
+    canvas[0, :256, :426] = resized
+    out = augment.eval_transform(
+        jnp.asarray(canvas), sizes=jnp.array([[256, 426]]), crop_fraction=0.875, out_size=224
+    )
+    ref = resized[16:240, 101:325].astype(np.float64) / 255.0
+    np.testing.assert_allclose(out[0], ref, atol=1e-5)
+    # The same in portrait, with normalisation and a smaller view (the square resized).
+    tall = np.transpose(canvas, (0, 2, 1, 3))
+    mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+    out = augment.eval_transform(
+        jnp.asarray(tall),
+        sizes=jnp.array([[426, 256]]),
+        crop_fraction=0.875,
+        out_size=112,
+        mean=mean,
+        std=std,
+    )
+    # PIL's resize of a box reads the pixels around it too, as the crop does.
+    portrait = np.transpose(resized, (1, 0, 2)).astype(np.float32) / 255.0
+    view = _pil_resize(portrait, (112, 112), box=(16, 101, 240, 325))
+    ref = (view - np.asarray(mean)) / np.asarray(std)
+    np.testing.assert_allclose(out[0], ref, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
 # Flip, grayscale, jitter rates.
 
 

@@ -423,7 +423,7 @@ def test_imagenet100_builder_keeps_the_cmc_classes(tmp_path):
     assert expected_val  # the first ten validation images include CMC classes
 
     images, labels = data.load_split("imagenet100", "train", data_dir=str(tmp_path))
-    chex.assert_shape(images, (3, 256, 256, 3))
+    chex.assert_shape(images, (3, 384, 384, 3))
     np.testing.assert_array_equal(labels, [data.IMAGENET100_CLASSES.index(kept)] * 3)
     _, labels = data.load_split("imagenet100", "validation", data_dir=str(tmp_path))
     assert sorted(labels.tolist()) == expected_val
@@ -440,3 +440,102 @@ def test_fit_image_resizes_the_shorter_side_and_keeps_the_centre():
     tall = np.transpose(wide, (1, 0, 2))
     np.testing.assert_array_equal(data._fit_image(tall, (10, 10, 3)), np.transpose(out, (1, 0, 2)))
     np.testing.assert_array_equal(data._fit_image(wide, (20, 40, 3)), wide)
+
+
+def test_fit_canvas_keeps_the_whole_image_at_shorter_side_256_or_longer_side_384():
+    rng = np.random.default_rng(1)
+    for (h, w), (new_h, new_w) in (
+        ((300, 400), (256, 341)),  # torchvision Resize(256): int(256 * 400 / 300) = 341
+        ((400, 300), (341, 256)),
+        ((300, 500), (230, 384)),  # 5:3, more than 3:2: longer side 384, int(384 * 3 / 5)
+        ((200, 200), (256, 256)),
+        ((100, 300), (128, 384)),  # more elongated than 3:2: the longer side is the canvas's
+        ((256, 384), (256, 384)),  # already there: stored as is
+    ):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        canvas, size = data._fit_canvas(image, (384, 384, 3), 256)
+        assert size == (new_h, new_w)
+        chex.assert_shape(canvas, (384, 384, 3))
+        ref = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+        np.testing.assert_array_equal(canvas[:new_h, :new_w], ref)
+        assert not canvas[new_h:].any() and not canvas[:, new_w:].any()
+
+
+def test_imagenet100_crops_cover_the_whole_image_and_eval_is_resize_256_centre_224(tmp_path):
+    """A fake ILSVRC-2012 with one 200x290 (wide) and one 330x220 (tall) training JPEG: the
+    loader's canvases hold each whole image at shorter side 256 with its size; random crops of
+    the training augmentation reach all four borders of both, beyond their centre squares;
+    the evaluation view is the centre 224x224 of the shorter-side-256 image (NumPy/PIL
+    reference from the decoded record)."""
+    pytest.importorskip("tensorflow")  # preparing needs TensorFlow
+    import jax
+    import jax.numpy as jnp
+
+    from dhel_jax import augment
+
+    rng = np.random.default_rng(0)
+    manual = tmp_path / "downloads" / "manual"
+    manual.mkdir(parents=True)
+    wnid = "n01558993"
+    with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as train:
+        inner = io.BytesIO()
+        with tarfile.open(fileobj=inner, mode="w") as tar:
+            _add(tar, f"{wnid}_0.JPEG", _jpeg(rng, 200, 290))
+            _add(tar, f"{wnid}_1.JPEG", _jpeg(rng, 330, 220))
+        _add(train, f"{wnid}.tar", inner.getvalue())
+    with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as val:
+        for i in range(10):  # the first ten validation images include CMC classes
+            _add(val, f"ILSVRC2012_val_{i + 1:08d}.JPEG", _jpeg(rng, 30, 50))
+
+    source = data.open_split("imagenet100", "train", data_dir=str(tmp_path))
+    assert len(source) == 2
+    batch = source.read(np.arange(2))
+    chex.assert_shape(batch["image"], (2, 384, 384, 3))
+    raw = data._builder(data.get_dataset_info("imagenet100"), str(tmp_path)).as_data_source(
+        split="train"
+    )
+    decoded = [np.asarray(raw[i]["image"]) for i in range(2)]
+    for i, image in enumerate(decoded):
+        h, w = image.shape[:2]
+        short, long = min(h, w), max(h, w)
+        new = (256, int(256 * long / short)) if h <= w else (int(256 * long / short), 256)
+        assert tuple(batch["size"][i]) == new
+        resized = np.asarray(Image.fromarray(image).resize(new[::-1], Image.BILINEAR))
+        np.testing.assert_array_equal(batch["image"][i, : new[0], : new[1]], resized)
+
+        # Eval: centre 224 of the resized image (top (H - 224) // 2, left (W - 224) // 2).
+        top, left = (new[0] - 224) // 2, (new[1] - 224) // 2
+        view = augment.eval_transform(
+            jnp.asarray(batch["image"][i : i + 1]),
+            sizes=jnp.asarray(batch["size"][i : i + 1]),
+            crop_fraction=0.875,
+            out_size=224,
+        )
+        ref = resized[top : top + 224, left : left + 224].astype(np.float64) / 255.0
+        np.testing.assert_allclose(view[0], ref, atol=1e-5)
+
+        # Training crops: coordinates of every view's source pixels, via a coordinate image.
+        n = 512
+        yy, xx = np.meshgrid(np.arange(new[0]), np.arange(new[1]), indexing="ij")
+        coords = np.zeros((384, 384, 3), np.float32)
+        coords[: new[0], : new[1], 0] = yy / 383
+        coords[: new[0], : new[1], 1] = xx / 383
+        coords[: new[0], : new[1], 2] = 1.0  # 1 inside the image, 0 in the padding
+        views = augment.augment(
+            jnp.asarray(np.broadcast_to(coords, (n, 384, 384, 3))),
+            jax.random.key(i),
+            sizes=jnp.asarray(np.tile(new, (n, 1)), jnp.int32),
+            out_size=8,
+            flip_prob=0.0,
+            jitter_prob=0.0,
+            grayscale_prob=0.0,
+        )
+        views = np.asarray(views)
+        np.testing.assert_allclose(views[..., 2], 1.0, atol=1e-6)  # never the padding
+        ys, xs = views[..., 0] * 383, views[..., 1] * 383
+        # Output pixels sample the crop at its pixel centres, averaged over a few input pixels
+        # (8 of them, 4 pixels in, for the smallest crops): they come within 16 pixels of all
+        # four borders, while the centre square stops 57 (wide) and 64 (tall) pixels short of
+        # the ends of the longer side.
+        assert ys.min() < 16 and ys.max() > new[0] - 17, (ys.min(), ys.max())
+        assert xs.min() < 16 and xs.max() > new[1] - 17, (xs.min(), xs.max())

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import chex
@@ -272,6 +275,61 @@ def test_extract_features_pads_and_shards_like_one_plain_batch(run, eight_device
     chex.assert_shape(got["projections"], (37, 8))
     for name in ("features", "projections"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_evaluation_host_memory_does_not_grow_with_the_number_of_images(tmp_path):
+    """Extraction, one paper-probe epoch and kNN over a streamed synthetic split of N, then 2N
+    192x192x3 images (108 MiB per N): the peak RSS grows far less than the N added images; the
+    control that holds the 2N images in one array (as ``data.load_split`` did) peaks at least
+    3/4 of their size higher. tests/eval_memory_worker.py says how RSS is measured."""
+    out = tmp_path / "memory.json"
+    # glibc serves allocations above its mmap threshold with mmap and unmaps them on free; the
+    # threshold adapts upward to the freed sizes (up to 32 MiB), after which freed batches stay
+    # in the heap. A fixed threshold keeps RSS to what the program holds (ImageNet batches,
+    # 256 x 256 x 256 x 3 bytes, exceed the adaptive ceiling anyway).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", JAX_PLATFORMS="cpu", XLA_FLAGS="")
+    worker = Path(__file__).with_name("eval_memory_worker.py")
+    subprocess.run(
+        [sys.executable, str(worker), "1024", str(out)], env=env, check=True, timeout=600
+    )
+    got = json.loads(out.read_text())
+    images = got["image_bytes_n"]
+    assert got["stream_2n"] - got["stream_n"] < 0.25 * images, got
+    assert got["materialise_2n"] - got["stream_2n"] > 0.75 * 2 * images, got
+
+
+def test_extract_features_of_canvases_use_each_images_size(run):
+    """Images in canvases (as ImageNet-100's): a source with sizes, 21 images in batches of 8
+    (the last padded), gives the features of ``eval_transform(images, sizes=sizes)``; the
+    paper probe runs on it (its crops are tested in tests/test_augment.py)."""
+    config, variables, _ = checkpointing.restore_for_eval(run)
+    model = train.build_model(config)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (21, 28, 28, 1), dtype=np.uint8)
+    sizes = np.stack([rng.integers(12, 29, 21), rng.integers(12, 29, 21)], 1).astype(np.int32)
+    labels = rng.integers(0, 10, 21).astype(np.int32)
+    source = data.ArraySource(images, labels, sizes)
+    kwargs = eval_transform_kwargs(config)
+    got = evaluate.extract_features(model, variables, source, batch_size=8, transform_kwargs=kwargs)
+    want = model.apply(
+        variables, augment.eval_transform(images, sizes=sizes, **kwargs), train=False
+    )
+    for name in ("features", "projections"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    result = evaluate.paper_linear_probe(
+        lambda v, x: model.apply(v, x, train=False)["features"],
+        variables,
+        source,
+        labels,
+        got["features"],
+        labels,
+        num_classes=10,
+        view_kwargs=evaluate.crop_flip_kwargs(config),
+        epochs=1,
+        batch_size=8,
+    )
+    assert result["steps"] == 2 and math.isfinite(result["train_loss"])
 
 
 def _histogram_features(variables, views):

@@ -271,6 +271,22 @@ def test_each_loss_trains_finitely_and_decreases_on_a_fixed_batch(name, eight_de
     assert int(state.step) == 20
 
 
+def test_step_crops_images_in_canvases_by_their_sizes(eight_devices):
+    """A batch with ``'size'`` (ImageNet-100's canvases), sharded over 8 devices: sizes that
+    cover the whole canvas give the loss of the plain batch (the same crops), smaller sizes
+    another loss."""
+    setup = train_worker.build_training(eight_devices)
+    plain = fixed_batch()
+    full = dict(plain, size=np.full((16, 2), 28, np.int32))
+    part = dict(plain, size=np.tile(np.int32([[20, 14]]), (16, 1)))
+    loss = {}
+    for name, batch in (("plain", plain), ("full", full), ("part", part)):
+        _, metrics = setup.train_step(setup.init(), train.global_batch(batch, setup.batch_sharding))
+        loss[name] = float(metrics["loss"])
+    np.testing.assert_allclose(loss["full"], loss["plain"], rtol=1e-5)
+    assert abs(loss["part"] - loss["plain"]) > 1e-3, loss
+
+
 @pytest.mark.slow
 def test_step_on_8_devices_equals_1_device(eight_devices):
     """Same loss, updated parameters, BatchNorm statistics and probe within 1e-5, two steps.
