@@ -16,8 +16,13 @@ import os
 #: matmuls and reductions to YNNPACK (XLA:CPU's default sends only reductions there, and
 #: ``=dot`` alone sends the reductions back to a slow reduce-window path). Measured in
 #: benchmarks/README.md ("Training step"); tests/test_train.py checks that a train step with
-#: them equals one without them within float32 round-off.
-CPU_XLA_FLAGS = {"--xla_cpu_experimental_ynn_fusion_type": "dot,reduce"}
+#: them equals one without them within float32 round-off. The second waits 10 minutes, not 40 s,
+#: for the devices of a CPU split to meet at a collective (BatchNorm statistics re-estimated
+#: over 2 devices): on a busy host one device can fall that far behind, and XLA then aborts.
+CPU_XLA_FLAGS = {
+    "--xla_cpu_experimental_ynn_fusion_type": "dot,reduce",
+    "--xla_cpu_collective_call_terminate_timeout_seconds": "600",
+}
 # The jaxlib series the flags were validated on: an XLA that does not know a flag in XLA_FLAGS
 # aborts at start-up, so on any other jaxlib none is added.
 _CPU_FLAGS_JAXLIB_SERIES = "0.10."

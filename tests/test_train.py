@@ -194,8 +194,10 @@ def test_cpu_device_count_divides_the_batch():
 
 def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
     ynn = "--xla_cpu_experimental_ynn_fusion_type"
-    assert cpu.cpu_xla_flags("", "0.10.2") == [f"{ynn}=dot,reduce"]
-    assert cpu.cpu_xla_flags(f"{ynn}=dot", "0.10.2") == []
+    wait = "--xla_cpu_collective_call_terminate_timeout_seconds"
+    assert cpu.cpu_xla_flags("", "0.10.2") == [f"{ynn}=dot,reduce", f"{wait}=600"]
+    assert cpu.cpu_xla_flags(f"{ynn}=dot", "0.10.2") == [f"{wait}=600"]
+    assert cpu.cpu_xla_flags(f"{ynn}=dot {wait}=30", "0.10.2") == []
     assert cpu.cpu_xla_flags("", "0.11.0") == []  # not validated there: nothing added
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     user = f"--xla_force_host_platform_device_count=3 {ynn}=eltwise"
