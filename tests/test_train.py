@@ -203,7 +203,7 @@ def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
     user = f"--xla_force_host_platform_device_count=3 {ynn}=eltwise"
     monkeypatch.setenv("XLA_FLAGS", user)
     main._configure_cpu_backend(256)
-    assert os.environ["XLA_FLAGS"] == user
+    assert os.environ["XLA_FLAGS"] == f"{user} {wait}=600"  # the user's ynn value stays
     main.define_train_flags()  # --cpu_devices, which dhel-eval shares.
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
     flags.FLAGS(["dhel-train"])
