@@ -15,6 +15,7 @@ check the grids, the configs and the aggregation without training.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -480,3 +481,56 @@ def test_dry_run_lists_runs_and_status(invocations, capsys):
     assert "sweep tiny: 2 cells x 2 seeds = 4 runs" in out
     assert out.count(" done at step 8/8  [batch_size+temperature]") == 4
     assert out.count("dhel-train --config ") == 4
+
+
+def test_cli_errors_are_one_line_with_their_status(invocations, tmp_path, capsys):
+    """A missing sweep file is a usage error (2); a --runs_dir that cannot be created is a
+    runtime failure (1). One 'dhel-sweep: error:' line each, and no run is touched."""
+    assert sweep.main(["--sweep", str(tmp_path / "nope.py")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dhel-sweep: error: sweep file "), err
+    assert "does not exist" in err[0]
+
+    before = _snapshot(invocations.runs_dir)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    sweep_file = Path(invocations.sweep.config).parent / "tiny.py"
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        rc = sweep.main(["--sweep", str(sweep_file), "--runs_dir", str(blocked / "runs")])
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dhel-sweep: error: cannot write "), err
+    assert str(blocked) in err[0]
+    assert _snapshot(invocations.runs_dir) == before
+
+
+def test_two_sweeps_on_one_runs_dir_never_run_the_same_run(tmp_path):
+    """Another process's lock on a run (the lock a running sweep holds): this sweep reports
+    the run busy, launches nothing for it and writes nothing into it."""
+    s = sweep.load_sweep(_write_sweep(tmp_path / "configs"))
+    s.seeds = [0]
+    runs_dir = tmp_path / "runs"
+    run = sweep.make_runs(s, runs_dir)[0]
+    run.workdir.mkdir(parents=True)
+    fd = os.open(run.workdir / sweep.LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    launched, printed = [], []
+
+    def launcher(tool: str) -> list[str]:
+        launched.append(tool)
+        raise AssertionError("a locked run was launched")
+
+    try:
+        with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+            outcome = sweep.run_sweep(
+                s,
+                runs_dir=runs_dir,
+                only=[run.cell.name],
+                launcher=launcher,
+                print_fn=printed.append,
+            )
+    finally:
+        os.close(fd)
+    assert outcome["busy"] == [run.label] and not outcome["done"] and not launched
+    assert any("locked by another sweep; skipped" in line for line in printed), printed
+    assert sorted(p.name for p in run.workdir.iterdir()) == [sweep.LOCK_FILENAME]

@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Exit statuses, as dhel-train's and dhel-eval's: 2 for a usage or sweep-file error (argparse
+# uses 2 too), 1 for a runtime failure (a run that failed or was stopped, a refused write).
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``dhel-sweep`` console script."""
     args = _parser().parse_args(argv)
@@ -114,10 +120,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sweep, runs_dir=args.runs_dir, only=args.only, retry_failed=args.retry_failed
             )
         results = aggregate(sweep, args.runs_dir)
-    except SweepError as e:
+        paths = write_results(results, args.results_dir)
+    except SweepError as e:  # A bad or changed sweep file: a config error.
         print(f"dhel-sweep: error: {e}", file=sys.stderr)
-        return 1
-    paths = write_results(results, args.results_dir)
+        return EXIT_USAGE
+    except OSError as e:  # An unwritable or full --runs_dir / --results_dir.
+        where = f" {e.filename}" if e.filename is not None else ""
+        print(
+            f"dhel-sweep: error: cannot write{where}: {e.strerror or e}. Free space or make it "
+            "writable, or choose another --runs_dir / --results_dir; finished runs are unchanged.",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     done = results["num_runs"] - len(results["missing"])
     print(f"aggregated {done}/{results['num_runs']} runs: {', '.join(paths.values())}")
-    return 1 if outcome["failed"] or outcome["stopped"] else 0
+    return EXIT_FAILURE if outcome["failed"] or outcome["stopped"] else 0
