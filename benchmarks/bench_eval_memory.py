@@ -89,34 +89,18 @@ def _child(part: str, n: int) -> dict:
     train_y = rng.integers(0, CLASSES, n).astype(np.int32)
     test_x = rng.standard_normal((TEST, FEATURES), np.float32)
     test_y = rng.integers(0, CLASSES, TEST).astype(np.int32)
-    if part == "fast_probe":
-
-        def run() -> None:
-            probes.linear_probe_accuracy(
-                jnp.asarray(train_x),
-                jnp.asarray(train_y),
-                jnp.asarray(test_x),
-                jnp.asarray(test_y),
-                num_classes=CLASSES,
-                max_steps=3,
-            )
-
-    elif part == "knn":
-
-        def run() -> None:
-            probes.knn_accuracy(
-                jnp.asarray(train_x),
-                jnp.asarray(train_y),
-                jnp.asarray(test_x),
-                jnp.asarray(test_y),
-                num_classes=CLASSES,
-                k=200,
-                temperature=0.1,
-                chunk_size=512,
-            )
-
-    else:
+    probe_settings = {
+        "fast_probe": (probes.linear_probe_accuracy, {"max_steps": 3}),
+        "knn": (probes.knn_accuracy, {"k": 200, "temperature": 0.1, "chunk_size": 512}),
+    }
+    if part not in probe_settings:
         raise SystemExit(f"unknown part {part!r}")
+    probe, settings = probe_settings[part]
+
+    def run() -> None:
+        arrays = (train_x, train_y, test_x, test_y)
+        probe(*map(jnp.asarray, arrays), num_classes=CLASSES, **settings)
+
     return {"growth_bytes": _peak_growth(run), "train_feature_bytes": train_x.nbytes}
 
 

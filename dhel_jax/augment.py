@@ -166,31 +166,7 @@ def _crop_box(
     Returns:
       int32 ``[4]``: ``(top, left, crop_height, crop_width)``.
     """
-    n = _SIMCLR_CROP_ATTEMPTS
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:n])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = jnp.exp(log_lo + (log_hi - log_lo) * u[n : 2 * n])
-    w = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
-    h = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = jnp.argmax(fits)
-
-    # Fallback (static): the whole image, cropped to the nearest allowed aspect ratio.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fallback_w, fallback_h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fallback_w, fallback_h = int(round(height * ratio[1])), height
-    else:
-        fallback_w, fallback_h = width, height
-    found = fits[first]
-    crop_h = jnp.where(found, h[first], fallback_h)
-    crop_w = jnp.where(found, w[first], fallback_w)
-    top = jnp.where(found, _uniform_int(u[2 * n], height - crop_h + 1), (height - fallback_h) // 2)
-    left = jnp.where(
-        found, _uniform_int(u[2 * n + 1], width - crop_w + 1), (width - fallback_w) // 2
-    )
-    return jnp.stack([top, left, crop_h, crop_w]).astype(jnp.int32)
+    return _crop_box_in(u, jnp.int32(height), jnp.int32(width), scale, ratio)
 
 
 def crop_and_resize(image: jax.Array, box: jax.Array, *, out_size: tuple[int, int]) -> jax.Array:
@@ -225,8 +201,8 @@ def _crop_box_in(
     scale: tuple[float, float],
     ratio: tuple[float, float],
 ) -> jax.Array:
-    """:func:`_crop_box` for an image of traced size ``height x width`` (int32 scalars): the
-    same draws, with the fallback's clamped ratio computed on device."""
+    """:func:`_crop_box` for an image of traced size ``height x width`` (int32 scalars), the
+    fallback's clamped ratio computed on device; the static-size box is this one."""
     n = _SIMCLR_CROP_ATTEMPTS
     hf, wf = height.astype(jnp.float32), width.astype(jnp.float32)
     area = hf * wf * (scale[0] + (scale[1] - scale[0]) * u[:n])

@@ -274,15 +274,42 @@ def test_crop_and_resize_in_a_canvas_reads_only_the_image(rng):
         np.testing.assert_allclose(ours, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize(("height", "width"), [(64, 160), (40, 40), (10, 200)])
-def test_crop_box_in_equals_the_static_box_for_the_same_size(height, width):
-    keys = jax.random.split(jax.random.key(3), 500)
+def _ref_crop_box_from_uniforms(u, height, width, scale, ratio):
+    """torchvision's get_params in float64 NumPy, driven by the given U[0, 1) numbers: the
+    10 candidates from u[:10] (area) and u[10:20] (log aspect), the position from u[20:22]."""
+    n = 10
+    for i in range(n):
+        area = height * width * (scale[0] + (scale[1] - scale[0]) * float(u[i]))
+        lo, hi = math.log(ratio[0]), math.log(ratio[1])
+        aspect = math.exp(lo + (hi - lo) * float(u[n + i]))
+        w = int(np.round(math.sqrt(area * aspect)))
+        h = int(np.round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(math.floor(float(u[2 * n]) * (height - h + 1))), height - h)
+            left = min(int(math.floor(float(u[2 * n + 1]) * (width - w + 1))), width - w)
+            return top, left, h, w
+    if width / height < ratio[0]:
+        w, h = width, int(np.round(width / ratio[0]))
+    elif width / height > ratio[1]:
+        h, w = height, int(np.round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize(("height", "width"), [(64, 160), (40, 40), (10, 200), (200, 12)])
+def test_crop_box_of_a_traced_size_follows_the_reference_draw_for_draw(height, width):
+    """The box of an image whose size is traced (a canvas's image) against the float64
+    reference from the same uniforms, fallbacks of too-wide and too-tall images included."""
+    keys = jax.random.split(jax.random.key(3), 300)
     uniforms = jax.vmap(lambda k: jax.random.uniform(k, (augment._CROP_UNIFORMS,)))(keys)
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
-    static = jax.vmap(lambda u: augment._crop_box(u, height, width, scale, ratio))(uniforms)
     size = jnp.int32(height), jnp.int32(width)
-    traced = jax.vmap(lambda u: augment._crop_box_in(u, *size, scale, ratio))(uniforms)
-    np.testing.assert_array_equal(traced, static)
+    ours = jax.vmap(lambda u: augment._crop_box_in(u, *size, scale, ratio))(uniforms)
+    ref = [
+        _ref_crop_box_from_uniforms(u, height, width, scale, ratio) for u in np.asarray(uniforms)
+    ]
+    np.testing.assert_array_equal(np.asarray(ours), np.array(ref))
 
 
 def test_views_of_a_canvas_crop_the_whole_image_and_nothing_else():

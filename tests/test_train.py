@@ -642,12 +642,9 @@ def test_cli_config_errors_are_one_line_with_status_2(
     assert not (workdir / "checkpoints").exists()
 
 
-def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_cache):
-    """Another config in a finished run's --workdir: one error line, status 2. Then a truncated
-    array of the latest checkpoint and the same dhel-train command again: one error line,
-    status 1. Never a traceback or library noise, and nothing on disk changed."""
-    workdir = tmp_path / "run"
-    command = [
+def _two_step_cli_command(workdir: Path) -> list[str]:
+    """``dhel-train`` of the tiny model for 2 steps (one checkpoint) in ``workdir``."""
+    return [
         sys.executable,
         str(WORKER),
         "cli",
@@ -656,6 +653,14 @@ def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_
         "--config.num_train_steps=2",
         "--config.optimizer.warmup_epochs=0",
     ]
+
+
+def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_cache):
+    """Another config in a finished run's --workdir: one error line, status 2. Then a truncated
+    array of the latest checkpoint and the same dhel-train command again: one error line,
+    status 1. Never a traceback or library noise, and nothing on disk changed."""
+    workdir = tmp_path / "run"
+    command = _two_step_cli_command(workdir)
     env = _env(compilation_cache)
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -698,15 +703,7 @@ def test_cli_full_disk_is_one_line_with_status_1(tmp_path, compilation_cache):
     directory, status 1, none of Orbax's logged tracebacks, no finalised step; freed, the same
     command resumes and saves. Full again at the start of a rerun: config.json is kept whole."""
     workdir = tmp_path / "run"
-    command = [
-        sys.executable,
-        str(WORKER),
-        "cli",
-        f"--workdir={workdir}",
-        *TINY_CLI_ARGS,
-        "--config.num_train_steps=2",
-        "--config.optimizer.warmup_epochs=0",
-    ]
+    command = _two_step_cli_command(workdir)
     env = _env(compilation_cache)
 
     def run(limit: int | None) -> subprocess.CompletedProcess:
