@@ -8,6 +8,7 @@ puts the projections back in place and takes the loss of the whole batch.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import chex
@@ -41,8 +42,12 @@ def compilation_cache(tmp_path_factory):
         jax.config.update(k, v)
 
 
+@functools.cache
 def _variables():
-    return models.init_variables(MODEL, jax.random.key(0), VIEW)
+    init = jax.jit(
+        lambda key: models.init_variables(MODEL, key, VIEW), compiler_options=COMPILER_OPTIONS
+    )
+    return jax.device_get(init(jax.random.key(0)))
 
 
 def _views(num_views: int) -> np.ndarray:
@@ -84,7 +89,9 @@ def _ghost_bn_reference(params, batch_stats, views, loss_fn, num_shards, num_chu
         pairs = z.reshape((n // 2, 2, -1))
         return loss_fn(pairs[:, 0], pairs[:, 1]), (z, f, stats)
 
-    (loss, (z, f, stats)), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
+    (loss, (z, f, stats)), grads = jax.jit(
+        jax.value_and_grad(objective, has_aux=True), compiler_options=COMPILER_OPTIONS
+    )(params)
     mean_stats = jax.tree.map(lambda *s: sum(s) / len(s), *stats)
     return loss, z, f, grads, mean_stats
 
@@ -113,17 +120,15 @@ def test_chunk_rows_takes_consecutive_rows_of_every_shard_and_unchunk_inverts_it
 @pytest.mark.parametrize(
     ("loss", "hparams", "num_chunks", "num_devices"),
     [
-        ("dhel", {}, 2, 8),
-        ("dhel", {}, 4, 8),
         ("kcl", {}, 4, 8),
-        ("kcl", {"block_size": 8}, 2, 1),
-        ("info_nce", {"block_size": 8}, 2, 8),
+        ("info_nce", {"block_size": 8}, 2, 1),
     ],
 )
 def test_gradient_caching_equals_one_pass_with_ghost_batchnorm(
     loss, hparams, num_chunks, num_devices, eight_devices
 ):
-    """Loss, embeddings, parameter gradients and BatchNorm statistics within 1e-5."""
+    """Loss, embeddings, parameter gradients and BatchNorm statistics within 1e-5 (DHEL with
+    k = 2 on 8 devices: in the train-step test below)."""
     loss_fn = losses.get_loss(loss, **hparams)
     variables = _variables()
     views = _views(64)  # 32 images: 4 per device, 1 per chunk of 4 per device.
@@ -143,9 +148,11 @@ def test_gradient_caching_equals_one_pass_with_ghost_batchnorm(
         return value, outputs, grads, stats
 
     replicated = parallel.replicated(mesh)
-    value, outputs, grads, stats = jax.jit(cached, in_shardings=(replicated, replicated, sharding))(
-        variables["params"], variables["batch_stats"], jax.device_put(views, sharding)
-    )
+    value, outputs, grads, stats = jax.jit(
+        cached,
+        in_shardings=(replicated, replicated, sharding),
+        compiler_options=COMPILER_OPTIONS,
+    )(variables["params"], variables["batch_stats"], jax.device_put(views, sharding))
     ref_loss, ref_z, ref_f, ref_grads, ref_stats = _ghost_bn_reference(
         variables["params"], variables["batch_stats"], views, loss_fn, num_devices, num_chunks
     )
@@ -157,6 +164,31 @@ def test_gradient_caching_equals_one_pass_with_ghost_batchnorm(
     # Ghost BatchNorm really differs from BatchNorm over the whole batch.
     whole, _ = MODEL.apply(variables, views, train=True, mutable=["batch_stats"])
     assert not np.allclose(whole["projections"], ref_z, atol=1e-3)
+
+
+def test_compiled_temporaries_fall_as_one_over_the_number_of_chunks():
+    """memory_analysis() of the compiled gradient of 256 pairs of views: the temporaries
+    (activations, mostly) of k = 2 and k = 4 chunks are at most ~1/k of the one-pass ones
+    (plus what does not shrink: the views' chunked copy, the loss's (B, B) blocks)."""
+    variables = _variables()
+    views = jax.ShapeDtypeStruct((512, *VIEW), jnp.float32)
+    temps = {}
+    for k in (1, 2, 4):
+        fn = jax.jit(
+            functools.partial(
+                grad_cache.contrastive_gradients,
+                model=MODEL,
+                loss_fn=losses.get_loss("dhel"),
+                num_chunks=k,
+            ),
+            compiler_options=COMPILER_OPTIONS,
+        )
+        compiled = fn.lower(variables["params"], variables["batch_stats"], views).compile()
+        temps[k] = compiled.memory_analysis().temp_size_in_bytes
+    assert temps[1] > 4 * 512 * np.prod(VIEW) * 8, temps  # Activations dominate.
+    assert temps[2] < 0.6 * temps[1], temps
+    assert temps[4] < 0.35 * temps[1], temps
+    assert temps[4] < 0.65 * temps[2], temps
 
 
 def test_contrastive_gradients_rejects_chunks_that_split_a_pair():
@@ -210,6 +242,7 @@ def _chunked_config():
     return config
 
 
+@pytest.mark.slow
 def test_train_step_with_chunks_on_8_devices_is_exact_and_measures_the_batch_geometry(
     eight_devices,
 ):
