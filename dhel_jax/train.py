@@ -20,9 +20,16 @@ device of every process; the train state replicated):
    own optimiser on the batch labels (labels < 0, e.g. STL-10's unlabelled split, are ignored),
    reporting how linearly separable the representation is as training goes.
 
+With ``config.embedding_chunks = k > 1``, steps 2-4 run by gradient caching
+(``dhel_jax.grad_cache``): the views are embedded in k chunks of every device's batch, the loss
+and its gradient are those of the global batch, and activation memory falls as 1/k for a
+second forward pass; BatchNorm then normalises each chunk on its own (ghost BatchNorm).
+
 The step returns the new state and scalar metrics: the loss and its aux terms (alignment,
 energy, per-view energies, contrastive accuracy), learning rate, gradient norm, probe loss and
-accuracy, and a finiteness flag. The loop adds images/second (two views count as two images).
+accuracy, and a finiteness flag; every ``config.geometry_every_steps`` steps also the geometry
+of the batch (:data:`GEOMETRY_METRICS`, by ``dhel_jax.metrics``). The loop adds images/second
+(two views count as two images).
 """
 
 from __future__ import annotations
@@ -47,7 +54,17 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from ml_collections import config_dict
 
-from dhel_jax import augment, checkpointing, data, losses, models, optimizers, parallel
+from dhel_jax import (
+    augment,
+    checkpointing,
+    data,
+    grad_cache,
+    losses,
+    models,
+    optimizers,
+    parallel,
+)
+from dhel_jax import metrics as metrics_lib
 from dhel_jax._signals import SignalHandler
 from dhel_jax._validation import check_int, check_number, check_optional_int
 from dhel_jax.builders import (
@@ -65,6 +82,15 @@ Hook = Callable[[int, Mapping[str, float]], None]
 _LOSS_CALL_ARGS = frozenset({"axis_name", "return_aux"})
 # Types of loss hyper-parameters whose SPEC default is None.
 _LOSS_NONE_DEFAULT_TYPES = {"block_size": int}
+# The online geometry of the batch (config.geometry_every_steps), in the step's metrics.
+GEOMETRY_METRICS = (
+    "features_effective_rank",
+    "projections_effective_rank",
+    "projections_wasserstein_uniformity",
+    "projections_alignment",
+)
+# metrics.wasserstein_uniformity counts the M (M - 1) / 2 pairs in int32.
+_MAX_GEOMETRY_BATCH = 65536
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,11 +170,20 @@ def default_config() -> ml_collections.ConfigDict:
     config.optimizer.eps = 1e-8
 
     config.batch_size = 256  # Global, over all devices and processes.
+    # Gradient caching (dhel_jax.grad_cache): each device's batch is embedded in this many
+    # chunks, so activation memory falls as 1/k for a second forward pass; the gradient is
+    # that of the global-batch loss, but BatchNorm normalises each chunk on its own (ghost
+    # BatchNorm). 1: today's one-pass step, BatchNorm over the whole batch.
+    config.embedding_chunks = 1
     config.num_epochs = 200
     config.num_train_steps = config_dict.placeholder(int)  # None: num_epochs of steps.
     config.seed = 0
 
     config.log_every_steps = 50
+    # Every this many steps the step also logs the geometry of its batch (GEOMETRY_METRICS:
+    # effective rank of features and projections, Wasserstein uniformity and alignment of the
+    # projections); 0: never.
+    config.geometry_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.max_checkpoints_to_keep = 3
 
@@ -270,6 +305,23 @@ def validate_config(
         b % process_count == 0,
         f"config.batch_size = {b} does not split evenly over the {process_count} processes.",
     )
+    k = check_int(config.embedding_chunks, "config.embedding_chunks", reason="1: one pass")
+    _require(
+        b % (device_count * k) == 0,
+        f"config.batch_size = {b} does not split into config.embedding_chunks = {k} chunks on "
+        f"each of the {device_count} devices; use a batch that is a multiple of "
+        f"{device_count * k} (e.g. {(b // (device_count * k) + 1) * device_count * k}) or "
+        f"fewer chunks.",
+    )
+    g = check_int(
+        config.geometry_every_steps, "config.geometry_every_steps", minimum=0, reason="0: off"
+    )
+    _require(
+        g == 0 or b <= _MAX_GEOMETRY_BATCH,
+        f"config.geometry_every_steps = {g} with config.batch_size = {b}: the online "
+        f"Wasserstein uniformity counts all pairs of at most {_MAX_GEOMETRY_BATCH} rows; set "
+        f"config.geometry_every_steps = 0.",
+    )
     check_number(config.num_epochs, "config.num_epochs", strict=True)
     check_optional_int(config.num_train_steps, "config.num_train_steps")
     for field in ("log_every_steps", "checkpoint_every_steps", "max_checkpoints_to_keep"):
@@ -389,6 +441,32 @@ def _probe_step(
     return optax.apply_updates(state.probe_params, updates), opt_state, metrics
 
 
+def online_geometry(features: Array, projections: Array) -> dict[str, Array]:
+    """:data:`GEOMETRY_METRICS` of a step's batch, by ``dhel_jax.metrics`` (docs/spec.md).
+
+    Args:
+      features: (2B, F) encoder outputs, projections: (2B, P) head outputs, of interleaved
+        views (rows 2i and 2i + 1 are the two views of image i).
+
+    Returns:
+      ``features_effective_rank``, ``projections_effective_rank`` and
+      ``projections_wasserstein_uniformity`` of the B first views (one row per image, as
+      ``dhel-eval`` measures them), ``projections_alignment`` between the two views.
+    """
+    b = features.shape[0] // 2
+    f = features.reshape((b, 2, -1))
+    z = projections.reshape((b, 2, -1))
+    return {
+        "features_effective_rank": metrics_lib.effective_rank(f[:, 0]),
+        "projections_effective_rank": metrics_lib.effective_rank(z[:, 0]),
+        # All b (b - 1) / 2 pairs, in row blocks beyond 1024 rows (O(512 b) memory).
+        "projections_wasserstein_uniformity": metrics_lib.wasserstein_uniformity(
+            z[:, 0], block_size=None if b <= 1024 else 512
+        ),
+        "projections_alignment": metrics_lib.alignment(z[:, 0], z[:, 1]),
+    }
+
+
 def train_step(
     state: TrainState,
     batch: Mapping[str, Array],
@@ -400,6 +478,8 @@ def train_step(
     view_kwargs: Mapping[str, Any],
     probe_tx: optax.GradientTransformation | None = None,
     sharding: NamedSharding | None = None,
+    embedding_chunks: int = 1,
+    geometry_every_steps: int = 0,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One pretraining step on a global batch (pure; see the module docstring).
 
@@ -412,6 +492,12 @@ def train_step(
       view_kwargs: keyword arguments of ``augment.two_views``.
       probe_tx: the online probe's optimiser (``None``: no probe).
       sharding: the batch sharding, to keep the interleaved views on their images' devices.
+      embedding_chunks: k; k > 1 computes the same global-batch gradient by gradient caching
+        over k chunks of every device's batch (``grad_cache.contrastive_gradients``), with
+        BatchNorm statistics per chunk; 1 is the one-pass step.
+      geometry_every_steps: N > 0 adds :data:`GEOMETRY_METRICS` (:func:`online_geometry` of
+        this batch) on the steps whose number after the update is a multiple of N, NaN on the
+        others (computed under ``lax.cond``: nothing is spent on those); 0 leaves them out.
 
     Returns:
       ``(new_state, metrics)``, metrics being float32 scalars plus the bool ``finite`` (loss,
@@ -425,20 +511,16 @@ def train_step(
     if sharding is not None:
         views = jax.lax.with_sharding_constraint(views, sharding)
 
-    def objective(params):
-        out, mutated = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            views,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        z = out["projections"].reshape((b, 2, -1))
-        loss, aux = loss_fn(z[:, 0], z[:, 1], return_aux=True)
-        return loss, (aux, out["features"], mutated["batch_stats"])
-
-    (loss, (aux, features, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params
+    (loss, aux), outputs, grads, batch_stats = grad_cache.contrastive_gradients(
+        state.params,
+        state.batch_stats,
+        views,
+        model=model,
+        loss_fn=loss_fn,
+        num_chunks=embedding_chunks,
+        sharding=sharding,
     )
+    features = outputs["features"]
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     grad_norm = optax.tree.norm(grads)
@@ -454,6 +536,17 @@ def train_step(
             state, jax.lax.stop_gradient(features), jnp.repeat(labels, 2), probe_tx
         )
         metrics.update(probe_metrics)
+    if geometry_every_steps:
+        due = (state.step + 1) % geometry_every_steps == 0
+        metrics.update(
+            jax.lax.cond(
+                due,
+                online_geometry,
+                lambda *_: {k: jnp.full((), jnp.nan, jnp.float32) for k in GEOMETRY_METRICS},
+                jax.lax.stop_gradient(features),
+                jax.lax.stop_gradient(outputs["projections"]),
+            )
+        )
     metrics = {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
     metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(params)
     new_state = dataclasses.replace(
@@ -478,10 +571,13 @@ def make_train_step(
     view_kwargs: Mapping[str, Any],
     probe_tx: optax.GradientTransformation | None = None,
     compiler_options: Mapping[str, Any] | None = None,
+    embedding_chunks: int = 1,
+    geometry_every_steps: int = 0,
 ) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict[str, Array]]]:
     """:func:`train_step` jitted over ``mesh``: batch sharded on ``'data'``, state replicated
     and donated, metrics replicated. ``compiler_options`` are XLA options for this step only
-    (e.g. ``{"xla_backend_optimization_level": 0}`` compiles CPU smoke tests twice as fast)."""
+    (e.g. ``{"xla_backend_optimization_level": 0}`` compiles CPU smoke tests twice as fast);
+    ``embedding_chunks`` and ``geometry_every_steps`` are :func:`train_step`'s."""
     batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
     step = functools.partial(
@@ -493,6 +589,8 @@ def make_train_step(
         view_kwargs=dict(view_kwargs),
         probe_tx=probe_tx,
         sharding=batch_sharding,
+        embedding_chunks=embedding_chunks,
+        geometry_every_steps=geometry_every_steps,
     )
     return jax.jit(
         step,
@@ -641,6 +739,8 @@ def make_training(
         view_kwargs=augment_kwargs(config),
         probe_tx=probe_tx,
         compiler_options=compiler_options,
+        embedding_chunks=config.embedding_chunks,
+        geometry_every_steps=config.geometry_every_steps,
     )
     return Training(
         model=model,
@@ -687,6 +787,8 @@ class _MetricsLog:
     def __init__(self, workdir: epath.Path, start_step: int, total_steps: int, enabled: bool):
         self.enabled = enabled
         self._sums: dict[str, float] = collections.defaultdict(float)
+        # Per key: the geometry metrics are only present on some steps.
+        self._counts: dict[str, int] = collections.defaultdict(int)
         self._count = 0
         self._timed_steps = 0
         self._t0: float | None = None
@@ -722,6 +824,7 @@ class _MetricsLog:
             self._timed_steps += 1
         for k, v in metrics.items():
             self._sums[k] += v
+            self._counts[k] += 1
         self._count += 1
         self._images_per_step = images_per_step
         if self.bar is not None:
@@ -731,12 +834,13 @@ class _MetricsLog:
         if not self._count:
             return {}
         record: dict[str, float] = {"step": step, "epoch": round(epoch, 4)}
-        record.update({k: v / self._count for k, v in self._sums.items()})
+        record.update({k: v / self._counts[k] for k, v in self._sums.items()})
         if self._timed_steps and self._t0 is not None:
             elapsed = time.perf_counter() - self._t0
             record["images_per_sec"] = self._timed_steps * self._images_per_step / elapsed
             self._t0, self._timed_steps = time.perf_counter(), 0
         self._sums.clear()
+        self._counts.clear()
         self._count = 0
         if self.enabled:
             self._lines.append(json.dumps(record))
@@ -775,7 +879,8 @@ def train_and_evaluate(
     """Pretrains ``config`` in ``workdir``, resuming from its latest checkpoint if any.
 
     Validates the config before reading data or compiling; trains ``total_steps`` (``num_epochs``
-    passes, or ``num_train_steps``); logs every ``log_every_steps`` to TensorBoard,
+    passes, or ``num_train_steps``); logs every ``log_every_steps`` (the geometry metrics:
+    their mean over the interval's ``geometry_every_steps`` steps) to TensorBoard,
     ``<workdir>/metrics.jsonl`` and a progress bar; checkpoints every ``checkpoint_every_steps``
     and at the end. SIGTERM / SIGINT (and, with several processes, JAX's preemption notice)
     checkpoint the current step and return early.
@@ -839,6 +944,9 @@ def train_and_evaluate(
         def finish(step: int, device_metrics: Mapping[str, Array]) -> dict[str, float]:
             """Host side of a step: fetch its metrics, stop on non-finite values, log."""
             host = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+            if config.geometry_every_steps and step % config.geometry_every_steps:
+                for k in GEOMETRY_METRICS:  # NaN: not measured at this step.
+                    host.pop(k, None)
             if not host.pop("finite"):
                 where = (
                     f"the last good checkpoint is step {last_saved} in {manager.directory}"

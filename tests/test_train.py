@@ -246,10 +246,12 @@ def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
 
 @pytest.mark.parametrize("name", list(losses.LOSSES))
 def test_each_loss_trains_finitely_and_decreases_on_a_fixed_batch(name, eight_devices):
-    """20 steps on one batch (fresh augmentations every step): every metric finite, and the
-    loss of the last 5 steps below that of the first 5."""
+    """20 steps on one batch (fresh augmentations every step): every metric finite (the
+    online geometry on steps 10 and 20, NaN on the others), and the loss of the last 5 steps
+    below that of the first 5."""
     config = tiny_config()
     config.loss.name = name
+    config.geometry_every_steps = 10
     config.optimizer.name = "adamw"
     config.optimizer.base_lr = 0.01
     config.optimizer.lr_scaling = "none"
@@ -261,10 +263,12 @@ def test_each_loss_trains_finitely_and_decreases_on_a_fixed_batch(name, eight_de
     state = setup.init()
     batch = train.global_batch(fixed_batch(), setup.batch_sharding)
     history = []
-    for _ in range(20):
+    for step in range(1, 21):
         state, metrics = setup.train_step(state, batch)
         host = jax.device_get(metrics)
         assert host.pop("finite"), host
+        geometry = {k: host.pop(k) for k in train.GEOMETRY_METRICS}
+        assert all(np.isfinite(v) == (step % 10 == 0) for v in geometry.values()), geometry
         assert all(np.isfinite(v) for v in host.values()), host
         history.append(host["loss"])
     assert {"alignment", "energy", "grad_norm", "learning_rate", "probe_accuracy"} <= set(host)
