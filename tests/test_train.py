@@ -403,6 +403,35 @@ def test_resume_after_sigkill_is_exact(run_a, tmp_path, compilation_cache, mocke
     assert json.loads(data_a) == json.loads(data_b)
 
 
+@pytest.mark.slow
+def test_sigkill_during_a_save_and_during_a_restore_loses_nothing(
+    run_a, tmp_path, compilation_cache, mocked
+):
+    """SIGKILL as soon as the step-8 save is issued (Orbax still writing it), then SIGKILL 5 ms
+    into the restore of the rerun: the step-4 checkpoint survives the first, the killed restore
+    changes no byte on disk, and the next rerun ends bitwise equal to run A."""
+    workdir_a, state_a, _ = run_a
+    workdir = tmp_path / "run_c"
+    for mode, *args in (("kill-in-save", "8"), ("kill-in-restore",)):
+        before = hash_tree(workdir) if workdir.exists() else None
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), mode, str(workdir), *args],
+            env=_env(compilation_cache),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert 4 in checkpointing.available_steps(workdir)
+        if before is not None:
+            assert hash_tree(workdir) == before
+    state = train.train_and_evaluate(tiny_config(), str(workdir), compiler_options=COMPILER_OPTIONS)
+    leaves_a, leaves = _leaves(state_a), _leaves(state)
+    assert leaves_a.keys() == leaves.keys()
+    for key in leaves_a:
+        np.testing.assert_array_equal(leaves[key], leaves_a[key], err_msg=key)
+
+
 def test_finished_run_resumes_to_nothing(run_a, tmp_path, mocked):
     """Re-running a finished workdir restores step 8 and trains no further step."""
     workdir = tmp_path / "copy"

@@ -3,6 +3,11 @@
     python train_worker.py kill WORKDIR STEP
         Trains :func:`tiny_config` on mocked data in WORKDIR and SIGKILLs itself as soon as the
         checkpoint of STEP is complete on disk (a preempted VM that got no notice).
+    python train_worker.py kill-in-save WORKDIR STEP
+        The same, but SIGKILLed as soon as the save of STEP is issued, while Orbax writes it in
+        the background.
+    python train_worker.py kill-in-restore WORKDIR
+        Resumes :func:`tiny_config` in WORKDIR and SIGKILLs itself 5 ms into the restore.
     python train_worker.py cli ARG...
         Runs ``dhel-train ARG...`` (``dhel_jax.main.train_main``) on mocked data.
     python train_worker.py step OUT_NPZ
@@ -91,6 +96,38 @@ def _kill(workdir: str, step: int) -> None:
     raise SystemExit("not killed")
 
 
+def _kill_in(workdir: str, where: str, step: int = 0) -> None:
+    import signal
+    import threading
+
+    import tensorflow_datasets as tfds
+
+    from dhel_jax import checkpointing, train
+
+    def die() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    save, restore = checkpointing.save, checkpointing.restore
+
+    def save_then_die(manager, at, *args, **kwargs):
+        save(manager, at, *args, **kwargs)
+        if at == step:
+            die()
+
+    def die_while_restoring(*args, **kwargs):
+        threading.Timer(0.005, die).start()
+        restore(*args, **kwargs)
+        time.sleep(60)  # The timer kills the process: the restore never returns.
+
+    if where == "save":
+        checkpointing.save = save_then_die
+    else:
+        checkpointing.restore = die_while_restoring
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        train.train_and_evaluate(tiny_config(), workdir, compiler_options=COMPILER_OPTIONS)
+    raise SystemExit("not killed")
+
+
 def _cli(args: list[str]) -> None:
     import tensorflow_datasets as tfds
 
@@ -160,6 +197,10 @@ if __name__ == "__main__":
     mode, rest = sys.argv[1], sys.argv[2:]
     if mode == "kill":
         _kill(rest[0], int(rest[1]))
+    elif mode == "kill-in-save":
+        _kill_in(rest[0], "save", int(rest[1]))
+    elif mode == "kill-in-restore":
+        _kill_in(rest[0], "restore")
     elif mode == "cli":
         _cli(rest)
     elif mode == "step":
