@@ -48,10 +48,12 @@ _LAZY_SUBMODULES = (
     "cpu",
     "data",
     "evaluate",
+    "grad_cache",
     "models",
     "optimizers",
     "parallel",
     "probes",
+    "sources",
     "train",
 )
 

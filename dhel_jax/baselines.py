@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from dhel_jax import augment, data, models, parallel
+from dhel_jax import augment, models, parallel, sources
 
 Array = jax.Array
 
@@ -90,7 +90,7 @@ def precise_batch_stats(
       ``(batch_stats, num_images)``: a tree of the structure of ``variables["batch_stats"]``,
       and the number of images it was estimated on.
     """
-    source = data.as_source(images, "precise_batch_stats")
+    source = sources.as_source(images, "precise_batch_stats")
     mesh = parallel.data_mesh(jax.local_devices()) if mesh is None else mesh
     devices = mesh.devices.size
     n = len(source)
@@ -107,7 +107,7 @@ def precise_batch_stats(
     total = None
     num_batches = n // batch
     starts = range(0, num_batches * batch, batch)
-    for _, read in data.iter_batches(source, (np.arange(s, s + batch) for s in starts)):
+    for _, read in sources.iter_batches(source, (np.arange(s, s + batch) for s in starts)):
         moments = _batch_moments(
             variables,
             jax.device_put(read["image"], shard),
@@ -154,12 +154,12 @@ def random_init_variables(
     """
     init_key, _ = jax.random.split(jax.random.key(seed))
     variables = models.init_variables(model, init_key, view_shape)
-    source = data.as_source(images, "random_init_variables")
+    source = sources.as_source(images, "random_init_variables")
     order = np.random.default_rng(seed).permutation(len(source))[:num_examples]
     stats, used = precise_batch_stats(
         model,
         variables,
-        data.SubsetSource(source, np.sort(order)),
+        sources.SubsetSource(source, np.sort(order)),
         transform_kwargs=transform_kwargs,
         batch_size=batch_size,
         mesh=mesh,
@@ -190,12 +190,12 @@ def pixel_features(
             f"pixel_features: images must be uint8 (N, H, W, C); got shape "
             f"{getattr(images, 'shape', None)}."
         )
-    source = data.as_source(images, "pixel_features")
+    source = sources.as_source(images, "pixel_features")
     n = len(source)
     height, width, channels = source.image_shape
     side = pixel_size((height, width, channels), max_features)
     native = height * width * channels <= max_features
-    if native and isinstance(source, data.ArraySource) and source.sizes is None:
+    if native and isinstance(source, sources.ArraySource) and source.sizes is None:
         return (np.asarray(source.images, np.float32) / 255.0).reshape(n, -1)
     resize = jax.jit(
         lambda x: jax.image.resize(
@@ -208,7 +208,7 @@ def pixel_features(
     out: np.ndarray | None = None
     starts = range(0, n, batch_size)
     batches = (np.arange(s, min(s + batch_size, n)) for s in starts)
-    for start, (_, read) in zip(starts, data.iter_batches(source, batches), strict=True):
+    for start, (_, read) in zip(starts, sources.iter_batches(source, batches), strict=True):
         x = read["image"]
         chunk: Any
         if "size" in read:

@@ -54,13 +54,11 @@ them, so all processes yield the same number of batches) and reads only those.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import hashlib
 import importlib.util
 import io
-import itertools
 import os
 import socket
 import struct
@@ -68,7 +66,7 @@ import tempfile
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -79,6 +77,12 @@ from absl import flags
 from PIL import Image
 
 from dhel_jax._validation import check_int
+
+# The image sources live in dhel_jax.sources (NumPy only); re-exported for data's users.
+from dhel_jax.sources import ArraySource as ArraySource
+from dhel_jax.sources import SubsetSource as SubsetSource
+from dhel_jax.sources import as_source as as_source
+from dhel_jax.sources import iter_batches as iter_batches
 
 DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 """Where Debian's ``dataset-fashion-mnist`` package installs the four IDX ``.gz`` files."""
@@ -766,49 +770,9 @@ def load_split(
 # Random access to one split, for evaluation: in host memory, or streamed from the records.
 
 
-class ArraySource:
-    """A split held in host memory (uint8 images, int32 labels): the in-memory image source.
-
-    An *image source* (what :func:`open_split` returns and ``dhel_jax.evaluate`` reads) has
-    ``len(source)``, ``source.image_shape`` ``(H, W, C)`` and ``source.read(indices)``, which
-    returns ``{'image': uint8 [n, H, W, C], 'label': int32 [n]}`` for the records ``indices``
-    in that order, and ``'size'`` (int32 [n, 2], each image's (height, width) in its canvas)
-    for datasets stored in canvases (``DatasetInfo.resize_shorter``).
-    """
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        labels: np.ndarray | None = None,
-        sizes: np.ndarray | None = None,
-    ):
-        self.images = images
-        self.labels = np.full(len(images), -1, np.int32) if labels is None else labels
-        self.sizes = sizes
-        if len(self.labels) != len(images) or (sizes is not None and len(sizes) != len(images)):
-            raise ValueError(
-                f"ArraySource: {len(images)} images but {len(self.labels)} labels"
-                f"{'' if sizes is None else f' and {len(sizes)} sizes'}; one per image."
-            )
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return tuple(self.images.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        indices = np.asarray(indices, np.int64)
-        batch = {"image": self.images[indices], "label": np.asarray(self.labels[indices], np.int32)}
-        if self.sizes is not None:
-            batch["size"] = np.asarray(self.sizes[indices], np.int32)
-        return batch
-
-
 class RecordSource:
     """A split decoded from its TFDS records on each :meth:`read` (an image source, see
-    :class:`ArraySource`): host memory holds only what is being read."""
+    ``dhel_jax.sources``): host memory holds only what is being read."""
 
     def __init__(self, records: _Records):
         self._records = records
@@ -821,76 +785,6 @@ class RecordSource:
         return self._records.read(indices)
 
 
-class SubsetSource:
-    """The records ``indices`` of an image ``source``, renumbered ``0 .. len(indices) - 1``."""
-
-    def __init__(self, source: Any, indices: Sequence[int] | np.ndarray):
-        self._source = source
-        self._indices = np.asarray(indices, np.int64)
-        self.image_shape = tuple(source.image_shape)
-        if self._indices.size and (self._indices.min() < 0 or self._indices.max() >= len(source)):
-            raise ValueError(
-                f"SubsetSource: indices must lie in [0, {len(source)}); got "
-                f"[{self._indices.min()}, {self._indices.max()}]."
-            )
-
-    def __len__(self) -> int:
-        return len(self._indices)
-
-    def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        return self._source.read(self._indices[np.asarray(indices, np.int64)])
-
-
-def as_source(images: Any, fn: str = "as_source") -> Any:
-    """``images`` as an image source: an image source itself, or an :class:`ArraySource` of
-    a uint8 ``(N, H, W, C)`` array; ValueError (naming ``fn``) for anything else or N = 0."""
-    if hasattr(images, "read") and hasattr(images, "image_shape"):
-        source = images
-    else:
-        shape = getattr(images, "shape", None)
-        if shape is None or len(shape) != 4:
-            raise ValueError(
-                f"{fn}: images must be an array of shape (N, H, W, C) with N >= 1, or an image "
-                f"source (dhel_jax.data.open_split); got {None if shape is None else tuple(shape)}."
-            )
-        source = ArraySource(images)
-    if len(source) < 1 or len(tuple(source.image_shape)) != 3:
-        raise ValueError(
-            f"{fn}: images must hold N >= 1 images of shape (H, W, C); got {len(source)} of "
-            f"shape {tuple(source.image_shape)}."
-        )
-    return source
-
-
-def iter_batches(
-    source: Any,
-    index_batches: Iterable[np.ndarray],
-    *,
-    num_threads: int = 4,
-    prefetch: int = 4,
-) -> Generator[tuple[np.ndarray, dict[str, np.ndarray]], None, None]:
-    """``(indices, source.read(indices))`` for each batch of ``index_batches``, in order.
-
-    ``num_threads`` threads decode up to ``prefetch`` batches ahead (decoders release the GIL),
-    so host memory holds at most ``prefetch + 1`` batches, whatever the size of the split.
-    """
-    if num_threads < 1 or prefetch < 1:
-        raise ValueError(
-            f"iter_batches: num_threads and prefetch must be >= 1; got {num_threads}, {prefetch}."
-        )
-    pending: collections.deque = collections.deque()
-    batches = iter(index_batches)
-    with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        for indices in itertools.islice(batches, prefetch):
-            pending.append((indices, pool.submit(source.read, indices)))
-        while pending:
-            indices, future = pending.popleft()
-            batch = future.result()
-            for more in itertools.islice(batches, 1):
-                pending.append((more, pool.submit(source.read, more)))
-            yield indices, batch
-
-
 def open_split(
     name: str,
     split: str,
@@ -901,7 +795,7 @@ def open_split(
     network_timeout: float = 3.0,
     num_threads: int = 8,
 ) -> ArraySource | RecordSource:
-    """An image source (see :class:`ArraySource`) of one split, in the stored order.
+    """An image source (see ``dhel_jax.sources``) of one split, in the stored order.
 
     ``in_memory`` (default: the dataset's ``in_memory``) decodes the split into host memory
     once, as :func:`load_split`; otherwise every read decodes its records, and an evaluation

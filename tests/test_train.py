@@ -11,7 +11,6 @@ import functools
 import importlib.util
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -719,15 +718,16 @@ def test_cli_corrupt_checkpoint_is_one_line_with_status_1(tmp_path, compilation_
     assert hash_tree(workdir) == before
 
 
-def _file_size_limit(limit: int):
-    """A ``preexec_fn`` capping every file the child writes at ``limit`` bytes, a full disk as
-    the child sees it (writes past the cap fail with EFBIG; SIGXFSZ is ignored)."""
-
-    def limit_writes() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return limit_writes
+def _with_file_size_limit(command: list[str], limit: int) -> list[str]:
+    """``command`` under a cap of ``limit`` bytes on every file it writes, a full disk as the
+    child sees it (writes past the cap fail with EFBIG; SIGXFSZ is ignored). A Python shim
+    sets the limit and execs the command: no ``preexec_fn`` fork of this threaded process."""
+    shim = (
+        "import os, resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit})); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    return [sys.executable, "-c", shim, *command]
 
 
 @pytest.mark.slow
@@ -740,14 +740,8 @@ def test_cli_full_disk_is_one_line_with_status_1(tmp_path, compilation_cache):
     env = _env(compilation_cache)
 
     def run(limit: int | None) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            command,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            preexec_fn=None if limit is None else _file_size_limit(limit),
-        )
+        argv = command if limit is None else _with_file_size_limit(command, limit)
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
 
     # The state's metadata file alone is larger than 16 KiB; config.json and the logs are not.
     full = run(16 * 1024)
