@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+from pathlib import Path
 
 import grain
 import jax
@@ -154,3 +155,75 @@ def test_available_steps_ignores_unfinished_saves(tmp_path):
     (ckpt / "notes.txt").write_text("x")
     assert checkpointing.available_steps(tmp_path) == [5, 12]
     assert checkpointing.available_steps(tmp_path / "empty") == []
+
+
+def _garble(path: Path) -> None:
+    path.write_text("{not json")
+
+
+# Every kind of file in a checkpoint step, corrupted; whether resuming training and evaluating
+# can still use the step: False means a CheckpointError naming the step and the available steps.
+CORRUPTIONS = {
+    "state array chunks (truncated)": (
+        lambda d: truncate_state_arrays(d.parents[1], 20, 2),
+        False,
+        False,
+    ),
+    "state _METADATA": (lambda d: _garble(d / "state" / "_METADATA"), False, False),
+    "state OCDBT manifests": (
+        lambda d: [p.write_bytes(b"garbage") for p in (d / "state").rglob("manifest.ocdbt")],
+        False,
+        False,
+    ),
+    "state _sharding": (lambda d: _garble(d / "state" / "_sharding"), False, False),
+    "state array_metadatas": (
+        lambda d: _garble(d / "state" / "array_metadatas" / "process_0"),
+        False,
+        False,
+    ),
+    "data iterator state": (lambda d: _garble(d / "data" / "process_0-of-1.json"), False, True),
+    # Resuming takes the config from the command line, evaluation from the checkpoint.
+    "config item": (lambda d: _garble(d / "config" / "metadata"), True, False),
+    # Orbax's step metadata (timestamps): logged, not needed to restore.
+    "_CHECKPOINT_METADATA": (lambda d: _garble(d / "_CHECKPOINT_METADATA"), True, True),
+}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_each_kind_of_corrupt_file_is_refused_or_harmless_and_never_rewritten(
+    saved, tmp_path, kind
+):
+    """Step 20 with one kind of file corrupted: resuming training and evaluating each either
+    restore exactly what was saved or raise a CheckpointError naming the step and the steps
+    available; no byte on disk changes, and step 10 still restores."""
+    import shutil
+
+    corrupt, resumable, evaluable = CORRUPTIONS[kind]
+    saved_dir, _, states = saved
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_dir, workdir)
+    corrupt(workdir / "checkpoints" / "20")
+    before = hash_tree(workdir)
+    refused = r"(?s)checkpoints/20: .*\[10, 20\]"
+
+    manager = checkpointing.open_manager(workdir, max_to_keep=2)
+    iterator = iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
+    abstract = jax.eval_shape(lambda: states[20])
+    try:
+        if resumable:
+            state = checkpointing.restore(manager, 20, abstract, iterator)
+            for key, value in _leaves(states[20]).items():
+                np.testing.assert_array_equal(_leaves(state)[key], value, err_msg=key)
+            np.testing.assert_array_equal(next(iterator), [8, 9, 10, 11])
+        else:
+            with pytest.raises(checkpointing.CheckpointError, match=refused):
+                checkpointing.restore(manager, 20, abstract, iterator)
+    finally:
+        manager.close()
+    if evaluable:
+        assert checkpointing.restore_for_eval(workdir)[2] == 20
+    else:
+        with pytest.raises(checkpointing.CheckpointError, match=refused):
+            checkpointing.restore_for_eval(workdir)
+    assert checkpointing.restore_for_eval(workdir, 10)[2] == 10
+    assert hash_tree(workdir) == before
