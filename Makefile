@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 RUN     ?= runs/fashion_mnist_dhel
 CONFIG  ?= configs/fashion_mnist.py
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -n 2
 
 .PHONY: setup data test run train eval bench accel-check lint notebooks clean
 
