@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dhel_jax._config_tree import flatten
+from dhel_jax._config_tree import as_json, differing_keys, flatten
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILENAME = "config.json"
@@ -251,11 +251,6 @@ def write_config_json(workdir: str | os.PathLike, config: ml_collections.ConfigD
             tmp.unlink()
 
 
-def _json_tree(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config as ``config.json`` stores it (tuples become lists)."""
-    return json.loads(json.dumps(config.to_dict(), sort_keys=True))
-
-
 def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
     """Refuses to train ``config`` in a ``workdir`` that another run's config owns.
 
@@ -276,13 +271,10 @@ def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.Conf
             f"--workdir {workdir} has a {CONFIG_FILENAME} that cannot be read ({e}); it may "
             "belong to another program's run. Nothing was changed: use another --workdir."
         ) from e
-    old, new = flatten(stored), flatten(_json_tree(config))
-    differing = sorted(
-        key
-        for key in old.keys() | new.keys()
-        if key.split(".")[0] not in RESUMABLE_FIELDS and old.get(key) != new.get(key)
-    )
+    given = as_json(config.to_dict())
+    differing = differing_keys(stored, given, ignore=RESUMABLE_FIELDS)
     if differing:
+        old, new = flatten(stored), flatten(given)
         shown = "; ".join(
             f"{key}: {old.get(key, '(absent)')!r} there, {new.get(key, '(absent)')!r} now"
             for key in differing[:5]

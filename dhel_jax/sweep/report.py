@@ -15,7 +15,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from dhel_jax._config_tree import flatten
+from dhel_jax._config_tree import as_json, flatten
 from dhel_jax._io import write_atomic
 from dhel_jax.sweep.grid import (
     TEMPERATURES,
@@ -30,7 +30,6 @@ from dhel_jax.sweep.runner import (
     RECORD_FILENAME,
     StepCounter,
     _duration,
-    _normalised,
     _read_json,
     run_state,
 )
@@ -156,10 +155,10 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         "sweep": sweep.name,
         "description": sweep.get("description"),
         "config": os.path.relpath(sweep.config),
-        "overrides": _normalised(flatten(_as_dict(sweep.overrides))),
+        "overrides": as_json(flatten(_as_dict(sweep.overrides))),
         "losses": {
             label: {
-                "loss": _normalised(_as_dict(sweep.losses[label].loss)),
+                "loss": as_json(_as_dict(sweep.losses[label].loss)),
                 "temperature": sweep.losses[label].temperature,
                 "default": default_temperature(sweep, label),
                 "temperatures": list(sweep.losses[label].temperatures),

@@ -20,7 +20,7 @@ from typing import Any
 
 import ml_collections
 
-from dhel_jax._config_tree import flatten
+from dhel_jax._config_tree import as_json, differing_keys
 from dhel_jax._io import write_atomic
 from dhel_jax._signals import SignalHandler
 from dhel_jax.sweep.grid import (
@@ -51,10 +51,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _normalised(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 class StepCounter:
@@ -97,13 +93,9 @@ def run_state(run: Run, sweep: ml_collections.ConfigDict, counter: StepCounter) 
     config = None
     if written is not None:
         config = run_config(sweep, run.cell, run.seed)
-        expected = _normalised(config.to_dict())
+        expected = as_json(config.to_dict())
         if written != expected:
-            diff = sorted(
-                k
-                for k in set(flatten(expected)) | set(flatten(written))
-                if flatten(expected).get(k, "<absent>") != flatten(written).get(k, "<absent>")
-            )
+            diff = differing_keys(written, expected)
             raise SweepError(
                 f"{run.workdir}: its {CONFIG_FILENAME} differs from run {run.label} of this sweep "
                 f"in {', '.join(diff)}. The sweep file changed after the run started; move the "
