@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dhel_jax._config_tree import as_json, differing_keys, flatten
+from dhel_jax._io import write_atomic
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CONFIG_FILENAME = "config.json"
@@ -238,17 +239,8 @@ def restore(
 def write_config_json(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
     """Writes ``<workdir>/config.json`` (indented, for humans), atomically: a failed write
     (a full disk) leaves the previous file as it was."""
-    path = epath.Path(workdir) / CONFIG_FILENAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{CONFIG_FILENAME}.tmp")
-    try:
-        tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
-    except OSError as e:  # A failed write() does not name its file; say which.
-        raise OSError(e.errno, e.strerror, os.fspath(path)) from e
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    write_atomic(epath.Path(workdir) / CONFIG_FILENAME, text.encode())
 
 
 def check_workdir_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:

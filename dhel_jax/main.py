@@ -40,6 +40,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from dhel_jax._io import refused_write_message
 from dhel_jax.cpu import accelerator_installed, use_cpu_xla_flags
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
@@ -286,18 +287,12 @@ def _train(argv: list[str]) -> None:
     ) as e:
         _exit_with_error("dhel-train", e, EXIT_FAILURE)
     except OSError as e:  # an unwritable or full --workdir (logs, config.json)
-        _exit_with_error("dhel-train", e, EXIT_FAILURE, _file_system_message(e, "--workdir"))
-
-
-def _file_system_message(error: OSError, where: str) -> str:
-    """What a refused write means and what to do: ``[Errno 28] No space left on device:
-    'runs/x/metrics.jsonl'`` becomes ``cannot write runs/x/metrics.jsonl: No space left on
-    device. Free space ...``."""
-    what = f" {error.filename}" if error.filename is not None else f" in the {where}"
-    return (
-        f"cannot write{what}: {error.strerror or error}. Free space or make it writable, or "
-        f"choose another {where}; checkpoints already saved are unchanged."
-    )
+        _exit_with_error(
+            "dhel-train",
+            e,
+            EXIT_FAILURE,
+            refused_write_message(e, "--workdir", "checkpoints already saved are"),
+        )
 
 
 def _fail(message: str) -> None:
@@ -414,7 +409,12 @@ def _eval(argv: list[str]) -> None:
     except (checkpointing.CheckpointError, data.DatasetUnavailableError) as e:
         _exit_with_error("dhel-eval", e, EXIT_FAILURE)
     except OSError as e:  # an unwritable or full --out_dir (eval.json, plots)
-        _exit_with_error("dhel-eval", e, EXIT_FAILURE, _file_system_message(e, "--out_dir"))
+        _exit_with_error(
+            "dhel-eval",
+            e,
+            EXIT_FAILURE,
+            refused_write_message(e, "--out_dir", "checkpoints are"),
+        )
     print(evaluate.summary(results))
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from dhel_jax._io import refused_write_message
 from dhel_jax.sweep.grid import (
     SweepError,
     display_command,
@@ -125,12 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dhel-sweep: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # An unwritable or full --runs_dir / --results_dir.
-        where = f" {e.filename}" if e.filename is not None else ""
-        print(
-            f"dhel-sweep: error: cannot write{where}: {e.strerror or e}. Free space or make it "
-            "writable, or choose another --runs_dir / --results_dir; finished runs are unchanged.",
-            file=sys.stderr,
-        )
+        where = "--runs_dir / --results_dir"
+        message = refused_write_message(e, where, "finished runs are")
+        print(f"dhel-sweep: error: {message}", file=sys.stderr)
         return EXIT_FAILURE
     done = results["num_runs"] - len(results["missing"])
     print(f"aggregated {done}/{results['num_runs']} runs: {', '.join(paths.values())}")
