@@ -19,11 +19,12 @@ and the steps available; nothing is ever overwritten to recover.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
@@ -122,16 +123,24 @@ def _file_system_error(error: Exception) -> OSError | None:
     return OSError(code, os.strerror(code))
 
 
-def wait_until_saved(manager: ocp.CheckpointManager) -> None:
-    """``manager.wait_until_finished()``; a background write refused by the file system
-    raises :class:`CheckpointError` (see :func:`save`)."""
+@contextlib.contextmanager
+def _refused_writes_as_checkpoint_errors(manager: ocp.CheckpointManager) -> Iterator[None]:
+    """Turns a write the file system refused (see :func:`_file_system_error`) into
+    :func:`_save_failed`'s :class:`CheckpointError`; anything else passes unchanged."""
     try:
-        manager.wait_until_finished()
+        yield
     except Exception as e:
         refused = _file_system_error(e)
         if refused is None:
             raise
         raise _save_failed(manager, refused) from e
+
+
+def wait_until_saved(manager: ocp.CheckpointManager) -> None:
+    """``manager.wait_until_finished()``; a background write refused by the file system
+    raises :class:`CheckpointError` (see :func:`save`)."""
+    with _refused_writes_as_checkpoint_errors(manager):
+        manager.wait_until_finished()
 
 
 def _describe(workdir: str | os.PathLike) -> str:
@@ -180,7 +189,8 @@ def save(
       CheckpointError: the file system refused a write (a full disk, a read-only or
         unwritable directory); the message names the directory and the intact steps.
     """
-    try:
+    # The previous step's background write may fail here too.
+    with _refused_writes_as_checkpoint_errors(manager):
         manager.save(
             step,
             args=ocp.args.Composite(
@@ -192,11 +202,6 @@ def save(
             ),
             force=True,
         )
-    except Exception as e:  # The previous step's background write may fail here.
-        refused = _file_system_error(e)
-        if refused is None:
-            raise
-        raise _save_failed(manager, refused) from e
 
 
 def restore(
