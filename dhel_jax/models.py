@@ -127,16 +127,17 @@ def _kernel_grad(
     ``dw[a, b, i, o] = sum_{n, h, w} x_pad[n, s_h h + a, s_w w + b, i] g[n, h, w, o]``: a
     convolution of ``x`` transposed to (I, H, W, N) (the input channels as the batch, the
     examples as the features) with ``g`` transposed to (H', W', N, O) as a kernel whose taps are
-    dilated by the strides, giving (I, kh, kw, O), transposed back to HWIO. Input rows no
-    output reads are cropped, so that no padding is negative.
+    dilated by the strides, giving (I, kh, kw, O), transposed back to HWIO. The high padding
+    is negative where the last input rows are read by no output (as in ``jax.lax``'s own
+    transpose): cropping them instead would make a second transposed copy of an input that
+    a strided block's two convolutions otherwise share.
     """
-    pads = []
-    for axis, (size, s, (lo, _)) in enumerate(zip(x.shape[1:3], strides, padding, strict=True)):
-        reach = (g.shape[1 + axis] - 1) * s + kernel_shape[axis]  # padded rows read, from row 0
-        if reach - lo < size:
-            x = jax.lax.slice_in_dim(x, 0, reach - lo, axis=1 + axis)
-            size = reach - lo
-        pads.append((lo, reach - lo - size))
+    pads = [
+        (lo, (out - 1) * s + k - size - lo)
+        for size, out, k, s, (lo, _) in zip(
+            x.shape[1:3], g.shape[1:3], kernel_shape[:2], strides, padding, strict=True
+        )
+    ]
     dw = jax.lax.conv_general_dilated(
         x.transpose(3, 1, 2, 0),
         g.transpose(1, 2, 0, 3),
