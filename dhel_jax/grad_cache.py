@@ -11,8 +11,10 @@ Batch Size under Memory Limited Setup") splits the gradient of ``L(z(theta))``, 
    cotangent, summing the parameter gradients (``jax.lax.scan``).
 
 Only one chunk's activations are alive at a time, so the step's temporaries fall roughly as
-1/k, for the price of a second forward pass (on XLA:CPU the loops over chunks currently cost far
-more: docs/large_batches.md, "Time"). Chunk c holds rows ``[c m, (c + 1) m)`` of
+1/k, for the price of a second forward pass. The loops must stay loops: unrolled, XLA schedules
+the chunks side by side and the memory saving is lost. On XLA:CPU a loop body is fast only
+with convolutions in NHWC/HWIO form, which ``dhel_jax.models.conv_general_dilated`` gives the
+gradients too (docs/large_batches.md, "Time"). Chunk c holds rows ``[c m, (c + 1) m)`` of
 *every* device's rows (m = rows per device / k), so each chunk stays spread over the whole
 mesh and no rows move between devices. BatchNorm normalises each chunk with its own
 statistics ("ghost BatchNorm", over the chunk's 2B/k views on all devices); the new running

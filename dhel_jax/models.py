@@ -92,27 +92,80 @@ def _strided_input_grad(
     return full[:, lo_h : lo_h + height, lo_w : lo_w + width]
 
 
+def _input_grad(
+    g: Array,
+    kernel: Array,
+    x_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> Array:
+    """Input gradient of an NHWC/HWIO convolution as NHWC/HWIO convolutions.
+
+    Stride 1: one convolution of ``g`` with the flipped kernel, its input and output feature
+    axes swapped (HWIO again), padded ``kernel - 1 - padding`` on each side; this is the
+    convolution XLA:CPU itself would make of ``jax.lax``'s transpose in the entry computation.
+    Strides > 1 (or a padding wider than the kernel): :func:`_strided_input_grad`.
+    """
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    pads = ((kh - 1 - lo_h, kh - 1 - hi_h), (kw - 1 - lo_w, kw - 1 - hi_w))
+    if tuple(strides) != (1, 1) or min(min(p) for p in pads) < 0:
+        return _strided_input_grad(g, kernel, x_shape, strides, padding)
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+    return jax.lax.conv_general_dilated(g, flipped, (1, 1), pads, dimension_numbers=_NHWC)
+
+
+def _kernel_grad(
+    x: Array,
+    g: Array,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> Array:
+    """Kernel gradient of an NHWC/HWIO convolution as one NHWC/HWIO convolution.
+
+    ``dw[a, b, i, o] = sum_{n, h, w} x_pad[n, s_h h + a, s_w w + b, i] g[n, h, w, o]``: a
+    convolution of ``x`` transposed to (I, H, W, N) (the input channels as the batch, the
+    examples as the features) with ``g`` transposed to (H', W', N, O) as a kernel whose taps are
+    dilated by the strides, giving (I, kh, kw, O), transposed back to HWIO. The high padding
+    is negative where the last input rows are read by no output (as in ``jax.lax``'s own
+    transpose): cropping them instead would make a second transposed copy of an input that
+    a strided block's two convolutions otherwise share.
+    """
+    pads = [
+        (lo, (out - 1) * s + k - size - lo)
+        for size, out, k, s, (lo, _) in zip(
+            x.shape[1:3], g.shape[1:3], kernel_shape[:2], strides, padding, strict=True
+        )
+    ]
+    dw = jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0),
+        g.transpose(1, 2, 0, 3),
+        (1, 1),
+        pads,
+        rhs_dilation=tuple(strides),
+        dimension_numbers=_NHWC,
+    )
+    return dw.transpose(1, 2, 0, 3)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _strided_conv(x: Array, kernel: Array, strides: tuple, padding: tuple) -> Array:
+def _conv(x: Array, kernel: Array, strides: tuple, padding: tuple) -> Array:
     return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
 
 
-def _strided_conv_fwd(x, kernel, strides, padding):
-    return _strided_conv(x, kernel, strides, padding), (x, kernel)
+def _conv_fwd(x, kernel, strides, padding):
+    return _conv(x, kernel, strides, padding), (x, kernel)
 
 
-def _strided_conv_bwd(strides, padding, residuals, g):
+def _conv_bwd(strides, padding, residuals, g):
     x, kernel = residuals
-    _, kernel_vjp = jax.vjp(
-        lambda k: jax.lax.conv_general_dilated(x, k, strides, padding, dimension_numbers=_NHWC),
-        kernel,
-    )
-    (kernel_grad,) = kernel_vjp(g)
-    x_grad = _strided_input_grad(g, kernel, x.shape, strides, padding)
-    return x_grad.astype(x.dtype), kernel_grad
+    kernel_grad = _kernel_grad(x, g, kernel.shape, strides, padding)
+    x_grad = _input_grad(g, kernel, x.shape, strides, padding)
+    return x_grad.astype(x.dtype), kernel_grad.astype(kernel.dtype)
 
 
-_strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+_conv.defvjp(_conv_fwd, _conv_bwd)
 
 
 def conv_general_dilated(
@@ -127,17 +180,28 @@ def conv_general_dilated(
     precision: Any = None,
     **kwargs: Any,
 ) -> Array:
-    """``jax.lax.conv_general_dilated`` whose input gradient skips the zeros of strides > 1.
+    """``jax.lax.conv_general_dilated`` whose gradients are NHWC/HWIO convolutions too.
 
-    The value, and the gradients to float round-off, are those of ``jax.lax``; for strided,
-    undilated, ungrouped NHWC convolutions with explicit padding (every strided convolution of
-    these ResNets, "SAME"/"VALID" padding included) the input gradient is computed phase by phase (:func:`_strided_input_grad`).
+    The value, and the gradients to float round-off, are those of ``jax.lax``. For undilated,
+    ungrouped NHWC/HWIO convolutions with explicit padding (every convolution of these ResNets,
+    "SAME"/"VALID" padding included) a custom VJP writes both gradients as NHWC/HWIO
+    convolutions (:func:`_kernel_grad`, :func:`_input_grad`):
+
+    * ``jax.lax``'s own transposes are convolutions with other dimension numbers (kernel
+      gradient ``f01b_i01o->01bf``, input gradient ``b01f_01oi->b01f``). XLA:CPU rewrites them
+      into NHWC/HWIO ones, which its fast convolution kernels (Eigen, YNNPACK) need, only in
+      the entry computation (its ``ConvCanonicalization`` pass). Inside a loop body
+      (``jax.lax.scan``/``map``/``fori_loop``, e.g. the chunk loop of ``dhel_jax.grad_cache``)
+      they stay as they are and fall to a naive loop-nest convolution, tens of times slower
+      (docs/large_batches.md, "Time").
+    * The input gradient of a strided convolution is computed phase by phase
+      (:func:`_strided_input_grad`): the forward's FLOPs instead of s_h * s_w times them.
+
     Anything else goes to ``jax.lax.conv_general_dilated`` unchanged. Pass it as ``nn.Conv``'s
     ``conv_general_dilated``.
     """
     plain = (
-        tuple(window_strides) != (1, 1)
-        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        all(d == 1 for d in (lhs_dilation or (1, 1)))
         and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and feature_group_count == 1
         and precision is None
@@ -163,7 +227,7 @@ def conv_general_dilated(
     if isinstance(padding, str):  # "SAME" / "VALID"
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _strided_conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
 
 
 # He (Kaiming) normal with fan_out, as torchvision initialises ResNet convolutions.

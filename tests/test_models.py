@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import chex
 import jax
@@ -400,7 +401,7 @@ def test_resnet_rejects_bad_input_rank():
 
 
 # ----------------------------------------------------------------------------------------------
-# The strided convolution's input gradient.
+# The convolutions' custom VJP: NHWC/HWIO gradients, the strided input gradient phase by phase.
 
 
 def _conv_input_grad_float64(g, kernel, x_shape, strides, padding):
@@ -418,6 +419,20 @@ def _conv_input_grad_float64(g, kernel, x_shape, strides, padding):
     return grad[:, lo_h : lo_h + h, lo_w : lo_w + w]
 
 
+def _conv_kernel_grad_float64(x, g, kernel_size, strides, padding):
+    """dw[a, b] = sum over outputs (i, j) of x_pad[s i + a, s j + b]^T g[i, j], in float64."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    x = np.pad(x, ((0, 0), (lo_h, hi_h), (lo_w, hi_w), (0, 0)))
+    grad = np.zeros((kernel_size, kernel_size, x.shape[-1], g.shape[-1]))
+    for i in range(g.shape[1]):
+        for j in range(g.shape[2]):
+            for a in range(kernel_size):
+                for b in range(kernel_size):
+                    grad[a, b] += x[:, strides[0] * i + a, strides[1] * j + b].T @ g[:, i, j]
+    return grad
+
+
 @pytest.mark.parametrize(
     "shape, kernel_size, strides, padding",
     [
@@ -426,7 +441,9 @@ def _conv_input_grad_float64(g, kernel, x_shape, strides, padding):
         ((2, 7, 9, 3), 3, (2, 2), ((1, 1), (1, 1))),  # odd sides: uneven phases
         ((2, 9, 9, 3), 3, (3, 3), ((1, 1), (1, 1))),
         ((2, 8, 8, 3), 2, (3, 3), ((0, 0), (0, 0))),  # a phase no tap reaches
-        ((2, 6, 6, 3), 3, (1, 1), ((1, 1), (1, 1))),  # stride 1: plain jax.lax
+        ((2, 6, 6, 3), 3, (1, 1), ((1, 1), (1, 1))),  # stride 1: one flipped convolution
+        ((2, 6, 6, 3), 1, (1, 1), ((0, 0), (0, 0))),  # a bottleneck block's 1x1
+        ((2, 6, 7, 3), 3, (1, 1), ((3, 0), (2, 1))),  # padding wider than the kernel
         ((2, 7, 7, 3), 1, (2, 2), "SAME"),
     ],
 )
@@ -452,12 +469,14 @@ def test_conv_general_dilated_gradients_match_float64_reference(
         pads = jax.lax.padtype_to_pads(shape[1:3], (kernel_size,) * 2, strides, padding)
     want_x = _conv_input_grad_float64(g, kernel, shape, strides, pads)
     np.testing.assert_allclose(x_grad, want_x, rtol=1e-5, atol=1e-5)
+    want_kernel = _conv_kernel_grad_float64(x, g, kernel_size, strides, pads)
+    np.testing.assert_allclose(kernel_grad, want_kernel, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kernel_grad, want_vjp(g)[1], rtol=1e-5, atol=1e-5)
 
 
-def test_resnet_uses_the_strided_input_gradient():
-    """Every strided convolution of a ResNet goes through the custom VJP (its jaxpr holds one
-    custom_vjp_call per strided convolution: two per downsampling block)."""
+def test_resnet_convolutions_use_the_custom_vjp():
+    """Every convolution of a ResNet goes through the custom VJP: the jaxpr of its gradient
+    holds one custom_vjp_call per convolution kernel."""
     model = models.get_model("resnet_tiny", head_hidden_dim=8, head_out_dim=4)
     x = jnp.zeros((2, 16, 16, 3))
     variables = model.init(jax.random.key(0), x, train=False)
@@ -472,4 +491,45 @@ def test_resnet_uses_the_strided_input_gradient():
         return jnp.sum(out["projections"])
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
-    assert jaxpr.count("custom_vjp_call") == 2
+    kernels = [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"]["encoder"])[0]
+        if leaf.ndim == 4
+    ]
+    assert len(kernels) >= 4
+    assert jaxpr.count("custom_vjp_call") == len(kernels)
+
+
+def test_resnet_gradient_in_a_loop_compiles_to_nhwc_hwio_convolutions_only(monkeypatch):
+    """The gradient of a ResNet inside a loop over chunks (as dhel_jax.grad_cache runs it)
+    compiles to NHWC/HWIO convolutions only, the form XLA:CPU's fast convolution kernels take.
+    XLA rewrites other forms only outside loops: with jax.lax's own convolution (checked below)
+    the gradient's convolutions keep other forms inside the loop."""
+    model = models.get_model("resnet_tiny", head_hidden_dim=8, head_out_dim=4)
+    chunks = jnp.zeros((2, 4, 16, 16, 3))
+    variables = model.init(jax.random.key(0), chunks[0], train=False)
+
+    def loop(params):
+        def body(acc, x):
+            def embed(p):
+                out, _ = model.apply(
+                    {"params": p, "batch_stats": variables["batch_stats"]},
+                    x,
+                    train=True,
+                    mutable=["batch_stats"],
+                )
+                return jnp.sum(out["projections"])
+
+            return jax.tree.map(jnp.add, acc, jax.grad(embed)(params)), None
+
+        return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), chunks)[0]
+
+    def labels():
+        # A new function each time: jax.jit's trace cache would keep the first convolution.
+        hlo = jax.jit(lambda p: loop(p)).lower(variables["params"]).compile().as_text()
+        assert "while" in hlo
+        return set(re.findall(r"convolution\(.*?dim_labels=([^,\s]+)", hlo))
+
+    assert labels() == {"b01f_01io->b01f"}
+    monkeypatch.setattr(models, "conv_general_dilated", jax.lax.conv_general_dilated)
+    assert labels() - {"b01f_01io->b01f"}  # e.g. the kernel gradients' f01b_i01o->01bf
