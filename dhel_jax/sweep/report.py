@@ -63,8 +63,20 @@ METRICS: dict[str, tuple[tuple[str, ...], str, float, int]] = {
         4,
     ),
 }
-# The metrics that get a table in NAME.md (all are in NAME.json).
+# The metrics that get a table in NAME.md (all are in NAME.json); the ``"se"`` report adds
+# SE_TABLE_METRICS.
 TABLE_METRICS = ("linear_probe", "knn", "effective_rank_features", "effective_rank_projections")
+SE_TABLE_METRICS = ("wasserstein_uniformity_projections",)
+# What the ± of a cell is (``sweep.error_bars``): the standard error of the mean over seeds, or
+# the sample standard deviation over seeds (the first study's report, results/fmnist_cpu.md).
+ERROR_BARS = {
+    "se": ("standard_error", "SE", "standard error of the mean (s / √n)"),
+    "sd": ("std", "std", "sample standard deviation"),
+}
+# A difference is called resolved only when it exceeds this many of its standard errors.
+RESOLVED_SE = 2.0
+# The metrics of the sensitivity tables (the batch-size drop and the temperature range).
+SENSITIVITY_METRICS = ("linear_probe", "knn")
 
 
 def _get(tree: Any, path: Sequence[str]) -> float | None:
@@ -76,13 +88,22 @@ def _get(tree: Any, path: Sequence[str]) -> float | None:
 
 
 def _summary(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and sample standard deviation (ddof = 1; None for fewer than 2 values)."""
+    """Mean, sample standard deviation s (ddof = 1) and standard error of the mean s / sqrt(n)
+    (both None for fewer than 2 values)."""
     x = np.asarray([v for v in values if v is not None], np.float64)
+    std = float(x.std(ddof=1)) if x.size > 1 else None
     return {
         "mean": float(x.mean()) if x.size else None,
-        "std": float(x.std(ddof=1)) if x.size > 1 else None,
+        "std": std,
+        "standard_error": std / math.sqrt(x.size) if std is not None else None,
         "n": int(x.size),
     }
+
+
+def error_bars(results: Mapping[str, Any]) -> str:
+    """``"se"`` or ``"sd"``: what the ± of the results' tables and plots is (results written
+    before the option existed, like results/fmnist_cpu.json, are ``"sd"``)."""
+    return results.get("error_bars") or "sd"
 
 
 def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> dict[str, Any]:
@@ -90,9 +111,11 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
 
     A run counts when its ``eval.json`` is of the final training step; others are listed in
     ``missing`` with their status. Per cell and metric: ``mean``, ``std`` (sample, over the
-    seeds that finished) and ``n``.
+    seeds that finished), ``standard_error`` (``std / sqrt(n)``) and ``n``. ``error_bars``
+    (``sweep.error_bars``, default ``"se"``) says which of the two the tables and plots show.
     """
     runs = make_runs(sweep, runs_dir)
+    bars = sweep.get("error_bars") or "se"
     counter = StepCounter()
     cells: dict[str, dict[str, Any]] = {}
     missing = []
@@ -169,7 +192,13 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         "temperature_batch_size": sweep.temperature_batch_size,
         "seeds": list(sweep.seeds),
         "metrics": {k: {"eval_json": ".".join(v[0]), "label": v[1]} for k, v in METRICS.items()},
-        "statistics": "mean and sample standard deviation (ddof = 1) over the seeds that finished",
+        "error_bars": bars,
+        "statistics": (
+            f"mean ± {ERROR_BARS[bars][2]} over the seeds that finished (std: sample standard "
+            "deviation, ddof = 1; standard_error: std / sqrt(n)); differences between losses: "
+            "difference of the means ± sqrt(SE_a² + SE_b²), seeds treated as independent "
+            f"samples, resolved when |difference| > {RESOLVED_SE:g} SE"
+        ),
         "cells": list(cells.values()),
         "views": views,
         "comparisons": [list(p) for p in sweep.get("comparisons") or ()],
@@ -185,18 +214,46 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
     }
     results["differences"] = differences(results)
     results["robustness"] = robustness(results)
+    results["sensitivity"] = sensitivity(results)
     return results
+
+
+def _resolved(difference: float, se: float | None) -> bool | None:
+    """Whether ``|difference| > RESOLVED_SE * se`` (None without a standard error)."""
+    return None if se is None else bool(abs(difference) > RESOLVED_SE * se)
 
 
 def _difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any] | None:
     """``a - b`` of two cell summaries, with the standard error of that difference of means,
-    ``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` (None unless both cells have >= 2 seeds)."""
+    ``sqrt(s_a^2 / n_a + s_b^2 / n_b)``, and ``resolved`` (:func:`_resolved`); the standard
+    error and the flag are None unless both cells have >= 2 seeds.
+
+    The two cells' seeds are treated as independent samples, not paired by seed: a seed fixes
+    the initialisation, augmentations and data order, but two losses trained from it take
+    different paths, and in the first study (results/fmnist_cpu.json, 24 pairs of losses at a
+    batch size) the variance of the seed-paired differences of the linear-probe accuracy was
+    0.98 times s_a^2 + s_b^2: pairing removed no variance, and it would halve the degrees of
+    freedom and drop a cell's seeds that the other cell lacks.
+    """
     if not a["n"] or not b["n"]:
         return None
     se = None
     if a["std"] is not None and b["std"] is not None:
         se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    return {"difference": a["mean"] - b["mean"], "standard_error": se}
+    difference = a["mean"] - b["mean"]
+    return {"difference": difference, "standard_error": se, "resolved": _resolved(difference, se)}
+
+
+def _combine(*terms: Mapping[str, Any] | None, signs: Sequence[int]) -> dict[str, Any] | None:
+    """``sum(sign * difference)`` of independent differences (:func:`_difference`), with the
+    standard error ``sqrt(sum(se^2))`` and ``resolved``; None if a term is missing."""
+    present = [t for t in terms if t is not None]
+    if len(present) < len(terms):
+        return None
+    value = sum(s * t["difference"] for s, t in zip(signs, present, strict=True))
+    ses = [t["standard_error"] for t in present]
+    se = None if any(x is None for x in ses) else math.sqrt(sum(x**2 for x in ses))
+    return {"difference": value, "standard_error": se, "resolved": _resolved(value, se)}
 
 
 def differences(results: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -247,14 +304,80 @@ def robustness(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _cell_text(summary: Mapping[str, Any], scale: float, decimals: int, seeds: int) -> str:
+def sensitivity(results: Mapping[str, Any]) -> dict[str, Any]:
+    """How much each loss's accuracy (:data:`SENSITIVITY_METRICS`) moves with the batch size and
+    the temperature, with standard errors, and the comparisons' differences of those.
+
+    Per loss and metric:
+
+    * ``small_batch_drop``: mean at the largest batch size minus mean at the smallest (of the
+      batch-size view), ± the standard error of that difference (:func:`_difference`);
+    * ``temperature_range``: the highest minus the lowest cell mean over the temperatures, ±
+      the standard error of the difference of those two cells. The two cells are picked after
+      seeing the means, so with equal true accuracies this range is still positive on average:
+      read its flag as an upper bound on the evidence.
+
+    Per pair ``(a, b)`` of ``results["comparisons"]`` and metric: ``a``'s drop minus ``b``'s,
+    and ``a``'s range minus ``b``'s, each ± sqrt of the sum of the four cells' squared standard
+    errors (:func:`_combine`). Every entry has ``resolved`` (beyond :data:`RESOLVED_SE` standard
+    errors); an entry is None where a cell is missing.
+    """
+    cells = {c["name"]: c for c in results["cells"]}
+    batches = results["batch_sizes"]
+    per_loss: dict[str, dict[str, Any]] = {}
+    for loss in results["losses"]:
+        by_batch = {
+            cells[n]["batch_size"]: cells[n] for n in results["views"]["batch_size"].get(loss, [])
+        }
+        temps = [cells[n] for n in results["views"]["temperature"].get(loss, [])]
+        entry: dict[str, Any] = {}
+        for metric in SENSITIVITY_METRICS:
+            small, large = by_batch.get(min(batches)), by_batch.get(max(batches))
+            drop = None
+            if small is not None and large is not None and len(batches) > 1:
+                drop = _difference(large["summary"][metric], small["summary"][metric])
+            spread = None
+            done = [c for c in temps if c["summary"][metric]["n"]]
+            if len(temps) > 1 and len(done) == len(temps):
+                ranked = sorted(done, key=lambda c: c["summary"][metric]["mean"])
+                spread = _difference(ranked[-1]["summary"][metric], ranked[0]["summary"][metric])
+                if spread is not None:
+                    spread["highest"] = ranked[-1]["temperature"]
+                    spread["lowest"] = ranked[0]["temperature"]
+            entry[metric] = {"small_batch_drop": drop, "temperature_range": spread}
+        per_loss[loss] = entry
+    pairs = []
+    for a, b in results["comparisons"]:
+        item: dict[str, Any] = {"losses": [a, b]}
+        for metric in SENSITIVITY_METRICS:
+            item[metric] = {
+                key: _combine(per_loss[a][metric][key], per_loss[b][metric][key], signs=(1, -1))
+                for key in ("small_batch_drop", "temperature_range")
+            }
+        pairs.append(item)
+    return {"losses": per_loss, "comparisons": pairs}
+
+
+def _cell_text(
+    summary: Mapping[str, Any], scale: float, decimals: int, seeds: int, spread: str = "std"
+) -> str:
     n = summary["n"]
     if not n:
         return "missing"
     text = f"{summary['mean'] * scale:.{decimals}f}"
-    if summary["std"] is not None:
-        text += f" ± {summary['std'] * scale:.{decimals}f}"
+    if summary.get(spread) is not None:
+        text += f" ± {summary[spread] * scale:.{decimals}f}"
     return text if n == seeds else f"{text} ({n}/{seeds} seeds)"
+
+
+def _difference_text(d: Mapping[str, Any] | None, scale: float, decimals: int) -> str:
+    """``+1.23 ± 0.45``, in bold when resolved; ``missing`` for None."""
+    if d is None:
+        return "missing"
+    text = f"{d['difference'] * scale:+.{decimals}f}"
+    if d["standard_error"] is not None:
+        text += f" ± {d['standard_error'] * scale:.{decimals}f}"
+    return f"**{text}**" if d.get("resolved") else text
 
 
 def _temperature_label(name: str, value: float) -> str:
@@ -269,12 +392,17 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines = [f"# Sweep `{results['sweep']}`", ""]
     if results.get("description"):
         lines += [results["description"], ""]
+    se = error_bars(results) == "se"
+    spread, short, long = ERROR_BARS[error_bars(results)]
     lines += [
-        f"Cells: mean ± sample standard deviation over {seeds} seed{'s' * (seeds > 1)} "
-        f"({', '.join(map(str, results['seeds']))}); evaluation `dhel-eval` of the final "
-        "checkpoint (linear probe and kNN on frozen encoder features, test split).",
+        f"Cells: mean ± {'SE, the ' if se else ''}{long} over {seeds} "
+        f"seed{'s' * (seeds > 1)} ({', '.join(map(str, results['seeds']))}); evaluation "
+        "`dhel-eval` of the final checkpoint (linear probe and kNN on frozen encoder features, "
+        "test split).",
         "",
     ]
+    metrics = TABLE_METRICS + (SE_TABLE_METRICS if se else ())
+    heading = " (mean ± SE)" if se else ""
     if not results["complete"]:
         lines += [
             f"**Partial results**: {len(results['missing'])} of {results['num_runs']} runs are "
@@ -284,9 +412,9 @@ def markdown(results: Mapping[str, Any]) -> str:
     batch_view = results["views"]["batch_size"]
     if batch_view:
         lines += ["## Batch size (each loss at its default temperature)", ""]
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             _, label, scale, decimals = METRICS[metric]
-            lines += [f"### {label}", ""]
+            lines += [f"### {label}{heading}", ""]
             header = ["loss"] + [f"B = {b}" for b in results["batch_sizes"]]
             lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
             for loss, names in batch_view.items():
@@ -296,7 +424,9 @@ def markdown(results: Mapping[str, Any]) -> str:
                 for b in results["batch_sizes"]:
                     c = by_batch.get(b)
                     row.append(
-                        _cell_text(c["summary"][metric], scale, decimals, seeds) if c else "-"
+                        _cell_text(c["summary"][metric], scale, decimals, seeds, spread)
+                        if c
+                        else "-"
                     )
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
@@ -312,19 +442,20 @@ def markdown(results: Mapping[str, Any]) -> str:
                 if text not in columns[i]:
                     columns[i].append(text)
         header = ["loss"] + [" / ".join(c) for c in columns]
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             _, label, scale, decimals = METRICS[metric]
-            lines += [f"### {label}", ""]
+            lines += [f"### {label}{heading}", ""]
             lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * width + "|"]
             for loss, names in temp_view.items():
                 row = [f"{loss} ({TEMPERATURES[losses[loss]['temperature']]})"]
                 row += [
-                    _cell_text(cells[n]["summary"][metric], scale, decimals, seeds) for n in names
+                    _cell_text(cells[n]["summary"][metric], scale, decimals, seeds, spread)
+                    for n in names
                 ]
                 row += ["-"] * (width - len(names))
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
-    lines += _comparison_lines(results)
+    lines += _se_comparison_lines(results) if se else _comparison_lines(results)
     wall = results["wall_time"]
     lines += [
         "## Runs",
@@ -394,6 +525,90 @@ def _comparison_lines(results: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _se_comparison_lines(results: Mapping[str, Any]) -> list[str]:
+    """The ``"se"`` report's differences between losses and sensitivity tables."""
+    lines = []
+    threshold = f"{RESOLVED_SE:g}"
+    if results["differences"]:
+        lines += [
+            "## Differences between losses (batch-size view)",
+            "",
+            "Difference of the cell means ± its standard error sqrt(SE_a² + SE_b²) = "
+            "sqrt(s_a²/n_a + s_b²/n_b), the seeds of the two cells treated as independent "
+            "samples (a seed does not carry over between losses: in the first study pairing "
+            f"by seed removed no variance). **Bold**: resolved, |difference| > {threshold} SE; "
+            "any other difference is not resolved by this sweep.",
+            "",
+        ]
+        for metric in (
+            "linear_probe",
+            "knn",
+            "effective_rank_projections",
+            "wasserstein_uniformity_projections",
+        ):
+            _, label, scale, decimals = METRICS[metric]
+            header = ["losses"] + [f"B = {b}" for b in results["batch_sizes"]]
+            lines += [f"### {label}: difference ± SE", ""]
+            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            for a, b in results["comparisons"]:
+                row = [f"{a} − {b}"]
+                for batch in results["batch_sizes"]:
+                    d = next(
+                        (
+                            x[metric]
+                            for x in results["differences"]
+                            if x["losses"] == [a, b] and x["batch_size"] == batch
+                        ),
+                        None,
+                    )
+                    row.append(_difference_text(d, scale, decimals))
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    sens = results.get("sensitivity")
+    if sens:
+        small, large = min(results["batch_sizes"]), max(results["batch_sizes"])
+        lines += [
+            "## Sensitivity to the batch size and the temperature (percentage points)",
+            "",
+            f"Drop: accuracy at B = {large} minus accuracy at B = {small} (each loss at its "
+            "default temperature). Temperature range: the highest minus the lowest cell mean over "
+            f"the temperatures at B = {results['temperature_batch_size']} (the two cells are "
+            "chosen after seeing the means, so the range is biased upward and its flag is "
+            f"optimistic). ± SE; **bold**: beyond {threshold} SE.",
+            "",
+        ]
+        for metric in SENSITIVITY_METRICS:
+            _, label, scale, decimals = METRICS[metric]
+            lines += [
+                f"### {label}",
+                "",
+                f"| loss | drop, B = {large} − B = {small} | temperature range |",
+                "|---|---:|---:|",
+            ]
+            for loss, entry in sens["losses"].items():
+                e = entry[metric]
+                lines.append(
+                    f"| {loss} | {_difference_text(e['small_batch_drop'], scale, decimals)} | "
+                    f"{_difference_text(e['temperature_range'], scale, decimals)} |"
+                )
+            if sens["comparisons"]:
+                lines += [
+                    "",
+                    "| losses | difference of drops | difference of temperature ranges |",
+                    "|---|---:|---:|",
+                ]
+                for item in sens["comparisons"]:
+                    e = item[metric]
+                    a, b = item["losses"]
+                    lines.append(
+                        f"| {a} − {b} | "
+                        f"{_difference_text(e['small_batch_drop'], scale, decimals)} | "
+                        f"{_difference_text(e['temperature_range'], scale, decimals)} |"
+                    )
+            lines.append("")
+    return lines
+
+
 def _save_png(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -408,17 +623,21 @@ def _legend(ax: Any, **kwargs: Any) -> None:
 def _series(results: Mapping[str, Any], names: Sequence[str], x_key: str, metric: str):
     cells = {c["name"]: c for c in results["cells"]}
     scale = METRICS[metric][2]
+    spread = ERROR_BARS[error_bars(results)][0]
     points = [(cells[n][x_key], cells[n]["summary"][metric]) for n in names]
     points = [(x, s) for x, s in points if s["n"]]
     x = np.asarray([p[0] for p in points], float)
     y = np.asarray([p[1]["mean"] * scale for p in points], float)
-    err = np.asarray([(p[1]["std"] or 0.0) * scale for p in points], float)
+    err = np.asarray([(p[1].get(spread) or 0.0) * scale for p in points], float)
     return x, y, err
 
 
 def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> dict[str, str]:
-    """Writes ``NAME_batch_size.png``, ``NAME_temperature.png`` and ``NAME_effective_rank.png``
-    (error bars: sample standard deviation over seeds); returns their paths."""
+    """Writes ``NAME_batch_size.png`` (linear-probe and kNN accuracy against log B),
+    ``NAME_temperature.png``, ``NAME_effective_rank.png`` and ``NAME_geometry.png`` (effective
+    rank and W1 uniformity of the projections against log B); error bars: the standard error
+    of the mean, or the sample standard deviation for an ``"sd"`` report (:func:`error_bars`).
+    Returns their paths."""
     from matplotlib.figure import Figure
 
     out = Path(results_dir)
@@ -426,24 +645,32 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
     seeds = len(results["seeds"])
     paths = {}
     colours = {loss: f"C{i}" for i, loss in enumerate(results["losses"])}
-    note = f"mean ± std over {seeds} seed{'s' * (seeds > 1)}"
+    spread, short, _ = ERROR_BARS[error_bars(results)]
+    note = f"mean ± {short} over {seeds} seed{'s' * (seeds > 1)}"
 
     batch_view = results["views"]["batch_size"]
-    fig = Figure(figsize=(11, 4.2))
-    for ax, metric in zip(fig.subplots(1, 2), ("linear_probe", "knn"), strict=True):
-        for loss, names in batch_view.items():
-            x, y, err = _series(results, names, "batch_size", metric)
-            if x.size:
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colours[loss], label=loss)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(results["batch_sizes"], [str(b) for b in results["batch_sizes"]])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(METRICS[metric][1])
-        ax.grid(True, alpha=0.3)
-        _legend(ax)
-    fig.suptitle(f"{name}: accuracy vs batch size (default temperature; {note})")
-    paths["batch_size"] = out / f"{name}_batch_size.png"
-    _save_png(fig, paths["batch_size"])
+
+    def against_batch_size(metrics: Sequence[str], title: str, key: str) -> None:
+        fig = Figure(figsize=(11, 4.2))
+        for ax, metric in zip(fig.subplots(1, len(metrics)), metrics, strict=True):
+            for loss, names in batch_view.items():
+                x, y, err = _series(results, names, "batch_size", metric)
+                if x.size:
+                    ax.errorbar(
+                        x, y, yerr=err, marker="o", capsize=3, color=colours[loss], label=loss
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(results["batch_sizes"], [str(b) for b in results["batch_sizes"]])
+            ax.set_xlabel("batch size (log scale)")
+            w1 = metric == "wasserstein_uniformity_projections"
+            ax.set_ylabel(METRICS[metric][1] + (" (0: uniform)" if w1 else ""))
+            ax.grid(True, alpha=0.3)
+            _legend(ax)
+        fig.suptitle(f"{name}: {title} vs batch size (default temperature; {note})")
+        paths[key] = out / f"{name}_{key}.png"
+        _save_png(fig, paths[key])
+
+    against_batch_size(("linear_probe", "knn"), "accuracy", "batch_size")
 
     temp_view = results["views"]["temperature"]
     groups: dict[str, list[str]] = {}
@@ -494,7 +721,7 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
                     None,
                 )
                 heights.append(s["mean"] if s and s["n"] else np.nan)
-                errs.append((s["std"] or 0.0) if s and s["n"] else 0.0)
+                errs.append((s.get(spread) or 0.0) if s and s["n"] else 0.0)
             xs = np.arange(len(batch_view)) + (j - (len(batches) - 1) / 2) * width
             ax.bar(xs, heights, width, yerr=errs, capsize=2, label=f"B = {batch}")
         ax.set_xticks(np.arange(len(batch_view)), list(batch_view))
@@ -504,6 +731,12 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
     fig.suptitle(f"{name}: effective rank per loss (default temperature; {note})")
     paths["effective_rank"] = out / f"{name}_effective_rank.png"
     _save_png(fig, paths["effective_rank"])
+
+    against_batch_size(
+        ("effective_rank_projections", "wasserstein_uniformity_projections"),
+        "geometry of the projections",
+        "geometry",
+    )
     return {k: os.fspath(v) for k, v in paths.items()}
 
 
