@@ -133,6 +133,45 @@ def test_fmnist_cpu_grid_has_unique_cells_and_one_budget():
     assert (base["model.num_filters"], base["augment.out_size"]) == (16, 12)
 
 
+def test_fmnist_cpu_v2_grid_has_three_seeds_and_one_pinned_budget():
+    s = sweep.load_sweep(SWEEPS / "fmnist_cpu_v2.py")
+    cells = sweep.expand(s)
+    runs = sweep.make_runs(s, "runs/sweeps")
+    # 4 losses x 3 batch sizes, plus 4 x 3 temperatures at B = 128 of which 3 are defaults.
+    assert len(cells) == 12 + 12 - 3 == 21 == len({c.name for c in cells})
+    assert len(runs) == 63 and {r.seed for r in runs} == {0, 1, 2}
+    assert s.error_bars == "se" and tuple(s.comparisons) == sweep.PAPER_COMPARISONS
+    for loss in sweep.PAPER_LOSS_ORDER:
+        mine = [c for c in cells if c.loss == loss]
+        assert sorted(c.batch_size for c in mine if "batch_size" in c.views) == [32, 128, 512]
+        assert {c.batch_size for c in mine if "temperature" in c.views} == {128}
+    base = None
+    for run in runs:
+        flat = _flat(sweep.run_config(s, run.cell, run.seed))
+        assert (flat["batch_size"], flat["seed"]) == (run.cell.batch_size, run.seed)
+        shared = {k: v for k, v in flat.items() if not k.startswith("loss.")}
+        del shared["batch_size"], shared["seed"]
+        base = base or shared
+        assert shared == base
+    # Every setting of the pilot that chose the size is pinned in the sweep file itself.
+    pinned = flatten(json.loads(json.dumps(s.overrides.to_dict())))
+    want = {
+        "model.name": "resnet_small",
+        "model.num_filters": 16,
+        "augment.out_size": 12,
+        "augment.crop_scale": [0.2, 1.0],
+        "augment.jitter_strength": 1.0,
+        "num_epochs": 10,
+        "optimizer.name": "lars",
+        "optimizer.base_lr": 1.0,
+        "optimizer.lr_scaling": "linear",
+        "optimizer.warmup_epochs": 0.5,
+    }
+    assert {k: pinned[k] for k in want} == want
+    assert {k: base[k] for k in want} == want
+    sweep.run_config(s, cells[0], 0, validate=True)
+
+
 @pytest.mark.parametrize(
     "name", ["cifar10_paper", "cifar100_paper", "stl10_paper", "imagenet100_paper"]
 )
