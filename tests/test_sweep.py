@@ -239,7 +239,7 @@ def _synthetic_results(linear_probe: dict[str, list[float]], bars: str | None = 
     """Results of a sweep over SimCLR (tau) and KCL (t), batch sizes 32 and 64, temperatures
     at batch 64, from given per-seed accuracies (every metric takes the same values). With
     ``bars`` (``"se"`` or ``"sd"``), the results of ``aggregate`` for that ``error_bars``: cell
-    summaries by ``report._summary`` and the sensitivity tables."""
+    summaries by ``stats.summary`` and the sensitivity tables."""
     views = {"batch_size": {}, "temperature": {}}
     cells = []
     for name, values in linear_probe.items():
@@ -259,7 +259,7 @@ def _synthetic_results(linear_probe: dict[str, list[float]], bars: str | None = 
             "n": n,
         }
         if bars is not None:
-            summary = sweep.report._summary(values)
+            summary = sweep.stats.summary(values)
         cells.append(
             {
                 "name": name,
@@ -341,7 +341,7 @@ def test_differences_robustness_and_tables_of_both_views(tmp_path):
 
 @pytest.mark.parametrize("values", [[0.8], [0.7, 0.74], [0.61, 0.64, 0.66], [1.0, 2.0, 4.0, 8.0]])
 def test_cell_summary_has_the_standard_error_of_the_mean(values):
-    got = sweep.report._summary([*values, None])  # None: a run that did not finish
+    got = sweep.stats.summary([*values, None])  # None: a run that did not finish
     x = np.asarray(values, np.float64)
     assert got["n"] == x.size and got["mean"] == pytest.approx(x.mean(), rel=1e-12)
     if x.size < 2:

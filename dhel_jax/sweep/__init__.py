@@ -56,7 +56,7 @@ the projections; the ``comparisons`` as differences ± standard error, seeds tre
 independent samples, in bold where resolved, i.e. beyond 2 standard errors; the range of each
 loss's accuracy over batch sizes and temperatures, and with ``"se"`` its drop from the largest
 to the smallest batch size and its range over temperatures with standard errors, and the
-comparisons' differences of those, :func:`~dhel_jax.sweep.report.sensitivity`) and four plots:
+comparisons' differences of those, :func:`~dhel_jax.sweep.stats.sensitivity`) and four plots:
 ``NAME_batch_size.png`` (accuracy against log B), ``NAME_temperature.png``,
 ``NAME_effective_rank.png`` and ``NAME_geometry.png`` (effective rank and W1 uniformity of the
 projections against log B).
@@ -67,6 +67,7 @@ not supported (launch ``dhel-train`` on every host yourself).
 
 The package is split by concern: :mod:`~dhel_jax.sweep.grid` (the sweep file and its grid),
 :mod:`~dhel_jax.sweep.runner` (the runs' state on disk, the subprocesses, locks and signals),
+:mod:`~dhel_jax.sweep.stats` (means, standard errors, differences between losses),
 :mod:`~dhel_jax.sweep.report` (aggregation, tables and plots) and :mod:`~dhel_jax.sweep.cli`
 (``dhel-sweep``); their public names are importable from ``dhel_jax.sweep``.
 """
@@ -95,17 +96,11 @@ from dhel_jax.sweep.grid import (
     validate_sweep,
 )
 from dhel_jax.sweep.report import (
-    ERROR_BARS,
     METRICS,
-    RESOLVED_SE,
     TABLE_METRICS,
     aggregate,
-    differences,
-    error_bars,
     markdown,
     plot_results,
-    robustness,
-    sensitivity,
     write_results,
 )
 from dhel_jax.sweep.runner import (
@@ -124,6 +119,14 @@ from dhel_jax.sweep.runner import (
     run_state,
     run_sweep,
     run_tool,
+)
+from dhel_jax.sweep.stats import (
+    ERROR_BARS,
+    RESOLVED_SE,
+    differences,
+    error_bars,
+    robustness,
+    sensitivity,
 )
 
 __all__ = [
