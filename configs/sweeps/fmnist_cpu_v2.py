@@ -1,6 +1,6 @@
 """The second CPU-scale study: SimCLR, DCL, DHEL and KCL on Fashion-MNIST, 3 seeds per cell.
 
-    dhel-sweep --sweep configs/sweeps/fmnist_cpu_v2.py            # ~5.5 h estimated on 2 quiet cores
+    dhel-sweep --sweep configs/sweeps/fmnist_cpu_v2.py            # ~5.5 h on 2 quiet cores (estimate)
     dhel-sweep --sweep configs/sweeps/fmnist_cpu_v2.py --dry-run  # the 63 runs and their commands
 
 Grid: 4 losses x batch sizes {32, 128, 512} at each loss's docs/spec.md default temperature
@@ -32,12 +32,13 @@ two other jobs: load average 3-6, so the times below are inflated; seed 0):
   KCL at B = 32 (the first study's weakest cell), same settings: linear 82.17%, kNN 78.86%:
   +6.92 and +6.06 over the same random-init encoder (seed 0 fixes the initialisation).
 * Time per epoch from the training logs (images per second over the logged steps, median):
-  55-61 s at B = 32 (load 3-5), 37 s at B = 128 (load 3-4; 58 s over the whole 10-epoch run
-  at load 2-6), 61 s at B = 512 (load 3-4); ``dhel-eval`` without baselines 40-50 s. The first study's runs of the same encoder and views at B = 32 and 128 took
-  31 and 22 s per epoch on the quieter machine, 1.7-1.8x less, so on 2 quiet cores a run takes
-  about 6 min at B = 32, 4.5 min at B = 128 and 7 min at B = 512 (train, start-up and
-  evaluation): 4 x 6 + 13 x 4.5 + 4 x 7 = 110 min per seed, 5.5 h for the 63 runs. On a machine
-  shared as during the pilot, about 9 h.
+  55-61 s at B = 32 (load 3-5), 37 s at B = 128 (load 3-4), 61 s at B = 512 (load 3-4);
+  ``dhel-eval`` without baselines 40-50 s. The first study's runs of the same encoder and
+  views took 31 and 22 s per epoch at B = 32 and 128 on a quieter machine, 1.7-2x less. So on
+  2 quiet cores a run (start-up, training, evaluation) takes about 6 min at B = 32, 4.5 min at
+  B = 128 and 7 min at B = 512 (61 s / 1.7 per epoch): 4 x 6 + 13 x 4.5 + 4 x 7 = 110 min per
+  seed, 5.5 h for the 63 runs; about 9 h on a machine shared as during the pilot. The commands
+  and the table of the pilot are in docs/results.md ("Planned: the second CPU-scale study").
 """
 
 import ml_collections
