@@ -1,6 +1,6 @@
 """The second CPU-scale study: SimCLR, DCL, DHEL and KCL on Fashion-MNIST, 3 seeds per cell.
 
-    dhel-sweep --sweep configs/sweeps/fmnist_cpu_v2.py            # ~5.5 h on 2 quiet cores (estimate)
+    dhel-sweep --sweep configs/sweeps/fmnist_cpu_v2.py            # about 5.5 h on 2 quiet cores
     dhel-sweep --sweep configs/sweeps/fmnist_cpu_v2.py --dry-run  # the 63 runs and their commands
 
 Grid: 4 losses x batch sizes {32, 128, 512} at each loss's docs/spec.md default temperature
