@@ -26,6 +26,7 @@ import types
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
@@ -132,6 +133,45 @@ def test_fmnist_cpu_grid_has_unique_cells_and_one_budget():
     assert (base["model.num_filters"], base["augment.out_size"]) == (16, 12)
 
 
+def test_fmnist_cpu_v2_grid_has_three_seeds_and_one_pinned_budget():
+    s = sweep.load_sweep(SWEEPS / "fmnist_cpu_v2.py")
+    cells = sweep.expand(s)
+    runs = sweep.make_runs(s, "runs/sweeps")
+    # 4 losses x 3 batch sizes, plus 4 x 3 temperatures at B = 128 of which 3 are defaults.
+    assert len(cells) == 12 + 12 - 3 == 21 == len({c.name for c in cells})
+    assert len(runs) == 63 and {r.seed for r in runs} == {0, 1, 2}
+    assert s.error_bars == "se" and tuple(s.comparisons) == sweep.PAPER_COMPARISONS
+    for loss in sweep.PAPER_LOSS_ORDER:
+        mine = [c for c in cells if c.loss == loss]
+        assert sorted(c.batch_size for c in mine if "batch_size" in c.views) == [32, 128, 512]
+        assert {c.batch_size for c in mine if "temperature" in c.views} == {128}
+    base = None
+    for run in runs:
+        flat = _flat(sweep.run_config(s, run.cell, run.seed))
+        assert (flat["batch_size"], flat["seed"]) == (run.cell.batch_size, run.seed)
+        shared = {k: v for k, v in flat.items() if not k.startswith("loss.")}
+        del shared["batch_size"], shared["seed"]
+        base = base or shared
+        assert shared == base
+    # Every setting of the pilot that chose the size is pinned in the sweep file itself.
+    pinned = flatten(json.loads(json.dumps(s.overrides.to_dict())))
+    want = {
+        "model.name": "resnet_small",
+        "model.num_filters": 16,
+        "augment.out_size": 12,
+        "augment.crop_scale": [0.2, 1.0],
+        "augment.jitter_strength": 1.0,
+        "num_epochs": 10,
+        "optimizer.name": "lars",
+        "optimizer.base_lr": 1.0,
+        "optimizer.lr_scaling": "linear",
+        "optimizer.warmup_epochs": 0.5,
+    }
+    assert {k: pinned[k] for k in want} == want
+    assert {k: base[k] for k in want} == want
+    sweep.run_config(s, cells[0], 0, validate=True)
+
+
 @pytest.mark.parametrize(
     "name", ["cifar10_paper", "cifar100_paper", "stl10_paper", "imagenet100_paper"]
 )
@@ -186,6 +226,7 @@ def test_train_command_builds_the_run_config(tmp_path):
         ('sweep.overrides = {"model": {"name": "vgg"}}', "config.model.name: unknown value"),
         ('sweep.config = "nope.py"', "no such training config file"),
         ("sweep.bogus = 1", "unknown field 'bogus'"),
+        ('sweep.error_bars = "ci"', "sweep.error_bars must be 'se'"),
     ],
 )
 def test_bad_sweeps_fail_clearly(tmp_path, change, message):
@@ -194,9 +235,11 @@ def test_bad_sweeps_fail_clearly(tmp_path, change, message):
         sweep.load_sweep(_write_sweep(tmp_path, text))
 
 
-def _synthetic_results(linear_probe: dict[str, list[float]]) -> dict:
+def _synthetic_results(linear_probe: dict[str, list[float]], bars: str | None = None) -> dict:
     """Results of a sweep over SimCLR (tau) and KCL (t), batch sizes 32 and 64, temperatures
-    at batch 64, from given per-seed accuracies (every metric takes the same values)."""
+    at batch 64, from given per-seed accuracies (every metric takes the same values). With
+    ``bars`` (``"se"`` or ``"sd"``), the results of ``aggregate`` for that ``error_bars``: cell
+    summaries by ``stats.summary`` and the sensitivity tables."""
     views = {"batch_size": {}, "temperature": {}}
     cells = []
     for name, values in linear_probe.items():
@@ -215,6 +258,8 @@ def _synthetic_results(linear_probe: dict[str, list[float]]) -> dict:
             "std": statistics.stdev(values) if n > 1 else None,
             "n": n,
         }
+        if bars is not None:
+            summary = sweep.stats.summary(values)
         cells.append(
             {
                 "name": name,
@@ -226,6 +271,7 @@ def _synthetic_results(linear_probe: dict[str, list[float]]) -> dict:
                 "summary": dict.fromkeys(sweep.METRICS, summary),
             }
         )
+    results_seeds = list(range(max(len(v) for v in linear_probe.values())))
     by_name = {c["name"]: c for c in cells}
     for names in views["temperature"].values():  # ascending, as aggregate() orders them
         names.sort(key=lambda n: by_name[n]["temperature"])
@@ -237,12 +283,12 @@ def _synthetic_results(linear_probe: dict[str, list[float]]) -> dict:
         },
         "batch_sizes": [32, 64],
         "temperature_batch_size": 64,
-        "seeds": [0, 1],
+        "seeds": results_seeds,
         "cells": cells,
         "views": views,
         "comparisons": [["kcl", "simclr"]],
         "complete": False,
-        "num_runs": 2 * len(cells),
+        "num_runs": len(results_seeds) * len(cells),
         "missing": [{"run": "kcl_b32_t2/seed0", "status": "new", "step": 0}],
         "wall_time": {"train_seconds": 0.0, "eval_seconds": 0.0, "total_seconds": 0.0},
         "hardware": [],
@@ -250,6 +296,9 @@ def _synthetic_results(linear_probe: dict[str, list[float]]) -> dict:
     }
     results["differences"] = sweep.differences(results)
     results["robustness"] = sweep.robustness(results)
+    if bars is not None:
+        results["error_bars"] = bars
+        results["sensitivity"] = sweep.sensitivity(results)
     return results
 
 
@@ -288,6 +337,112 @@ def test_differences_robustness_and_tables_of_both_views(tmp_path):
     assert "`kcl_b32_t2/seed0`: new (step 0)" in table
     paths = sweep.plot_results(results, tmp_path)
     assert all(Path(p).read_bytes()[:8] == PNG_SIGNATURE for p in paths.values())
+
+
+@pytest.mark.parametrize("values", [[0.8], [0.7, 0.74], [0.61, 0.64, 0.66], [1.0, 2.0, 4.0, 8.0]])
+def test_cell_summary_has_the_standard_error_of_the_mean(values):
+    got = sweep.stats.summary([*values, None])  # None: a run that did not finish
+    x = np.asarray(values, np.float64)
+    assert got["n"] == x.size and got["mean"] == pytest.approx(x.mean(), rel=1e-12)
+    if x.size < 2:
+        assert got["std"] is None and got["standard_error"] is None
+    else:
+        assert got["std"] == pytest.approx(x.std(ddof=1), rel=1e-12)
+        want = np.sqrt(((x - x.mean()) ** 2).sum() / (x.size - 1) / x.size)
+        assert got["standard_error"] == pytest.approx(want, rel=1e-12)
+
+
+# Three seeds per cell; KCL - SimCLR is resolved at B = 32 (0.09 against an SE of 0.013) but not
+# at B = 64 (0.017 against an SE of 0.0093).
+SE_VALUES = {
+    "simclr_b32_tau0.5": [0.70, 0.72, 0.74],
+    "simclr_b64_tau0.5": [0.80, 0.81, 0.79],
+    "simclr_b64_tau0.1": [0.60, 0.66, 0.63],
+    "kcl_b32_t2": [0.80, 0.81, 0.82],
+    "kcl_b64_t2": [0.805, 0.83, 0.815],
+    "kcl_b64_t1": [0.82, 0.84, 0.80],
+}
+
+
+def _np_difference(a, b):
+    """Reference: difference of means, independent-samples SE, resolved beyond 2 SE."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = a.mean() - b.mean()
+    se = np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    return d, se
+
+
+def test_differences_and_sensitivity_with_standard_errors_against_numpy(tmp_path):
+    results = _synthetic_results(SE_VALUES, bars="se")
+    v = {k: np.asarray(x, np.float64) for k, x in SE_VALUES.items()}
+    diffs = {d["batch_size"]: d["linear_probe"] for d in results["differences"]}
+    for batch, resolved in ((32, True), (64, False)):
+        d, se = _np_difference(v[f"kcl_b{batch}_t2"], v[f"simclr_b{batch}_tau0.5"])
+        assert diffs[batch]["difference"] == pytest.approx(d, rel=1e-12)
+        assert diffs[batch]["standard_error"] == pytest.approx(se, rel=1e-12)
+        assert diffs[batch]["resolved"] is resolved is bool(abs(d) > 2 * se)
+
+    sens = results["sensitivity"]
+    drops, ranges = {}, {}
+    for loss, default, temps in (
+        ("simclr", "tau0.5", ("tau0.1", "tau0.5")),
+        ("kcl", "t2", ("t1", "t2")),
+    ):
+        drops[loss] = _np_difference(v[f"{loss}_b64_{default}"], v[f"{loss}_b32_{default}"])
+        cells = [v[f"{loss}_b64_{t}"] for t in temps]
+        hi, lo = max(cells, key=np.mean), min(cells, key=np.mean)
+        ranges[loss] = _np_difference(hi, lo)
+        got = sens["losses"][loss]["linear_probe"]
+        for key, (d, se) in (
+            ("small_batch_drop", drops[loss]),
+            ("temperature_range", ranges[loss]),
+        ):
+            assert got[key]["difference"] == pytest.approx(d, rel=1e-12)
+            assert got[key]["standard_error"] == pytest.approx(se, rel=1e-12)
+            assert got[key]["resolved"] is bool(abs(d) > 2 * se)
+    assert sens["losses"]["simclr"]["linear_probe"]["temperature_range"]["lowest"] == 0.1
+    assert sens["losses"]["kcl"]["linear_probe"]["temperature_range"]["highest"] == 1.0
+    (pair,) = sens["comparisons"]
+    assert pair["losses"] == ["kcl", "simclr"]
+    for key, table in (("small_batch_drop", drops), ("temperature_range", ranges)):
+        d = table["kcl"][0] - table["simclr"][0]
+        se = np.hypot(table["kcl"][1], table["simclr"][1])
+        got = pair["linear_probe"][key]
+        assert got["difference"] == pytest.approx(d, rel=1e-12)
+        assert got["standard_error"] == pytest.approx(se, rel=1e-12)
+        assert got["resolved"] is bool(abs(d) > 2 * se)
+    # The SimCLR drop (8 points) is resolved; KCL's (0.7) and the KCL range are not.
+    assert sens["losses"]["simclr"]["linear_probe"]["small_batch_drop"]["resolved"] is True
+    assert sens["losses"]["kcl"]["linear_probe"]["small_batch_drop"]["resolved"] is False
+
+    table = sweep.markdown(results)
+    se32 = v["simclr_b32_tau0.5"].std(ddof=1) / np.sqrt(3)
+    assert f"| simclr (τ = 0.5) | 72.00 ± {100 * se32:.2f} |" in table
+    assert "mean ± SE, the standard error of the mean" in table
+    assert "### W1 uniformity of the projections (mean ± SE)" in table
+    d32, se32 = _np_difference(v["kcl_b32_t2"], v["simclr_b32_tau0.5"])
+    d64, se64 = _np_difference(v["kcl_b64_t2"], v["simclr_b64_tau0.5"])
+    row = f"| kcl − simclr | **{100 * d32:+.2f} ± {100 * se32:.2f}** | {100 * d64:+.2f} ± {100 * se64:.2f} |"
+    assert row in table
+    assert "## Sensitivity to the batch size and the temperature" in table
+
+    paths = sweep.plot_results(results, tmp_path)
+    assert Path(paths["geometry"]).name == "synthetic_geometry.png"
+    assert all(Path(p).read_bytes()[:8] == PNG_SIGNATURE for p in paths.values())
+
+
+def test_sd_report_keeps_the_first_studys_format():
+    """``error_bars = "sd"`` (and results written before the option) give mean ± sample std
+    and no resolved marks, as results/fmnist_cpu.md."""
+    for results in (_synthetic_results(SE_VALUES), _synthetic_results(SE_VALUES, bars="sd")):
+        table = sweep.markdown(results)
+        sd = np.std(SE_VALUES["simclr_b32_tau0.5"], ddof=1)
+        assert f"| simclr (τ = 0.5) | 72.00 ± {100 * sd:.2f} |" in table
+        assert "mean ± sample standard deviation" in table
+        assert "resolved, |difference|" not in table and "W1 uniformity" not in table
+        assert "## Sensitivity" not in table
+    s = sweep.load_sweep(SWEEPS / "fmnist_cpu.py")
+    assert s.error_bars == "sd"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,10 +609,12 @@ def test_aggregate_json_table_and_plots(invocations, tmp_path):
     assert json.loads(Path(paths["json"]).read_text()) == json.loads(json.dumps(results))
     table = Path(paths["markdown"]).read_text()
     lp = cells["dhel_b16_tau0.3"]["summary"]["linear_probe"]
-    row = f"| dhel (τ = 0.3) | {100 * lp['mean']:.2f} ± {100 * lp['std']:.2f} |"
+    # The default error bars: the standard error of the mean.
+    assert results["error_bars"] == "se"
+    row = f"| dhel (τ = 0.3) | {100 * lp['mean']:.2f} ± {100 * lp['standard_error']:.2f} |"
     assert row in table
     assert "| loss | B = 16 |" in table and "## Temperature (batch size 16)" in table
-    for key in ("batch_size", "temperature", "effective_rank"):
+    for key in ("batch_size", "temperature", "effective_rank", "geometry"):
         assert Path(paths[key]).name == f"tiny_{key}.png"
         assert Path(paths[key]).read_bytes()[:8] == PNG_SIGNATURE
 

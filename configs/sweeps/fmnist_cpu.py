@@ -60,4 +60,6 @@ def get_sweep() -> ml_collections.ConfigDict:
         },
         batch_sizes=(32, 64, 128, 256),
         temperature_batch_size=128,
+        # Its report (results/fmnist_cpu.md) gives mean ± sample standard deviation of 2 seeds.
+        error_bars="sd",
     )

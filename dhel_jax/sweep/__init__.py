@@ -16,7 +16,9 @@ A sweep file (``configs/sweeps/NAME.py``) defines ``get_sweep()``, returning a
   settings, so no loss is tuned more than another (:func:`paper_losses` builds the paper's);
 * ``batch_sizes``, ``temperature_batch_size`` and ``seeds``;
 * optionally ``loss_order`` (table order), ``comparisons`` (pairs ``(a, b)`` of loss labels
-  whose differences ``a - b`` are tabulated) and ``description``.
+  whose differences ``a - b`` are tabulated), ``description`` and ``error_bars``: ``"se"``
+  (the default: cells are mean ± standard error of the mean over seeds) or ``"sd"`` (mean ±
+  sample standard deviation: the first study's report, results/fmnist_cpu.md).
 
 :func:`paper_sweep` builds the whole ``ConfigDict`` of the paper's comparison; every file in
 ``configs/sweeps/`` uses it.
@@ -46,12 +48,18 @@ is killed, its subprocess checkpoints and stops by itself (:func:`run_tool`). A 
 on a non-finite loss is not retried (``--retry_failed`` does) and is reported as failed.
 
 Aggregation (:func:`aggregate`, also on partial results, marking missing runs) reads every
-``eval.json`` and writes ``<results_dir>/NAME.json`` (every run's numbers, per-cell mean and
-sample standard deviation over seeds, wall times, hardware), ``NAME.md`` (tables: rows are
-losses, columns batch sizes or temperatures; linear-probe and kNN accuracy, effective rank of
-the features and of the projections; the ``comparisons`` as differences ± standard error; the
-range of each loss's accuracy over batch sizes and temperatures) and three plots:
-``NAME_batch_size.png``, ``NAME_temperature.png``, ``NAME_effective_rank.png``.
+``eval.json`` and writes ``<results_dir>/NAME.json`` (every run's numbers, per-cell mean,
+sample standard deviation and standard error over seeds, wall times, hardware), ``NAME.md``
+(tables: rows are losses, columns batch sizes or temperatures; linear-probe and kNN accuracy,
+effective rank of the features and of the projections, and with ``"se"`` the W1 uniformity of
+the projections; the ``comparisons`` as differences ± standard error, seeds treated as
+independent samples, in bold where resolved, i.e. beyond 2 standard errors; the range of each
+loss's accuracy over batch sizes and temperatures, and with ``"se"`` its drop from the largest
+to the smallest batch size and its range over temperatures with standard errors, and the
+comparisons' differences of those, :func:`~dhel_jax.sweep.stats.sensitivity`) and four plots:
+``NAME_batch_size.png`` (accuracy against log B), ``NAME_temperature.png``,
+``NAME_effective_rank.png`` and ``NAME_geometry.png`` (effective rank and W1 uniformity of the
+projections against log B).
 
 The sweep process never starts an accelerator backend (it runs JAX on the CPU only, to count
 steps), so its subprocesses get the whole TPU or GPU. It drives one host; multi-host pods are
@@ -59,6 +67,7 @@ not supported (launch ``dhel-train`` on every host yourself).
 
 The package is split by concern: :mod:`~dhel_jax.sweep.grid` (the sweep file and its grid),
 :mod:`~dhel_jax.sweep.runner` (the runs' state on disk, the subprocesses, locks and signals),
+:mod:`~dhel_jax.sweep.stats` (means, standard errors, differences between losses),
 :mod:`~dhel_jax.sweep.report` (aggregation, tables and plots) and :mod:`~dhel_jax.sweep.cli`
 (``dhel-sweep``); their public names are importable from ``dhel_jax.sweep``.
 """
@@ -90,10 +99,8 @@ from dhel_jax.sweep.report import (
     METRICS,
     TABLE_METRICS,
     aggregate,
-    differences,
     markdown,
     plot_results,
-    robustness,
     write_results,
 )
 from dhel_jax.sweep.runner import (
@@ -113,9 +120,18 @@ from dhel_jax.sweep.runner import (
     run_sweep,
     run_tool,
 )
+from dhel_jax.sweep.stats import (
+    ERROR_BARS,
+    RESOLVED_SE,
+    differences,
+    error_bars,
+    robustness,
+    sensitivity,
+)
 
 __all__ = [
     "CONFIG_FILENAME",
+    "ERROR_BARS",
     "EVAL_FILENAME",
     "LOCK_FILENAME",
     "LOG_FILENAME",
@@ -124,6 +140,7 @@ __all__ = [
     "PAPER_LOSS_ORDER",
     "PARENT_ENV",
     "RECORD_FILENAME",
+    "RESOLVED_SE",
     "TABLE_METRICS",
     "TEMPERATURES",
     "TOOLS",
@@ -137,6 +154,7 @@ __all__ = [
     "default_temperature",
     "differences",
     "display_command",
+    "error_bars",
     "expand",
     "hardware",
     "load_sweep",
@@ -155,6 +173,7 @@ __all__ = [
     "run_sweep",
     "run_tool",
     "select_runs",
+    "sensitivity",
     "validate_sweep",
     "write_results",
 ]

@@ -79,7 +79,7 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
     missing = [k for k in required if k not in sweep]
     if missing:
         raise SweepError(f"sweep: missing field(s) {', '.join(missing)}; a sweep sets {required}.")
-    optional = ("description", "loss_order", "comparisons")
+    optional = ("description", "loss_order", "comparisons", "error_bars")
     extra = sorted(set(sweep) - {*required, *optional})
     if extra:
         raise SweepError(f"sweep: unknown field {extra[0]!r}; accepted: {required + optional}.")
@@ -106,6 +106,12 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
             raise SweepError(
                 f"sweep.{field} must be distinct integers >= {minimum}; got {values!r}."
             )
+    bars = sweep.get("error_bars")
+    if bars is not None and bars not in ("se", "sd"):
+        raise SweepError(
+            f"sweep.error_bars must be 'se' (standard error of the mean, the default) or 'sd' "
+            f"(sample standard deviation); got {bars!r}."
+        )
     b = sweep.temperature_batch_size
     if not isinstance(b, int) or b < 1:
         raise SweepError(f"sweep.temperature_batch_size must be an integer >= 1; got {b!r}.")
@@ -200,11 +206,13 @@ def paper_sweep(
     batch_sizes: Sequence[int] = (32, 64, 128, 256, 512),
     temperature_batch_size: int = 256,
     seeds: Sequence[int] = (0, 1),
+    error_bars: str = "se",
 ) -> ml_collections.ConfigDict:
     """A sweep of the paper's comparison (:func:`paper_losses`, :data:`PAPER_LOSS_ORDER`,
     :data:`PAPER_COMPARISONS`) over ``config`` (a path relative to the sweep file): every loss
     at its default temperature over ``batch_sizes``, and over the temperatures at
-    ``temperature_batch_size``; ``overrides`` apply to every run."""
+    ``temperature_batch_size``; ``overrides`` apply to every run; ``error_bars``: what the ± of
+    the report is (``"se"`` or ``"sd"``, see :mod:`dhel_jax.sweep`)."""
     sweep = ml_collections.ConfigDict()
     sweep.description = description
     sweep.config = config
@@ -215,6 +223,7 @@ def paper_sweep(
     sweep.batch_sizes = tuple(batch_sizes)
     sweep.temperature_batch_size = temperature_batch_size
     sweep.seeds = tuple(seeds)
+    sweep.error_bars = error_bars
     return sweep
 
 

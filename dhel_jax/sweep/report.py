@@ -1,12 +1,11 @@
-"""A sweep's results: the aggregation of every run's ``eval.json`` over seeds, the
-differences and robustness tables, ``NAME.json``, ``NAME.md`` and the plots (see
+"""A sweep's results: the aggregation of every run's ``eval.json`` over seeds (statistics in
+:mod:`dhel_jax.sweep.stats`), ``NAME.json``, ``NAME.md`` and the plots (see
 :mod:`dhel_jax.sweep`)."""
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,16 @@ from dhel_jax.sweep.runner import (
     _duration,
     _read_json,
     run_state,
+)
+from dhel_jax.sweep.stats import (
+    ERROR_BARS,
+    RESOLVED_SE,
+    SENSITIVITY_METRICS,
+    differences,
+    error_bars,
+    robustness,
+    sensitivity,
+    summary,
 )
 
 # Aggregated metrics: key -> (path in eval.json, label, scale for display, decimals).
@@ -63,8 +72,10 @@ METRICS: dict[str, tuple[tuple[str, ...], str, float, int]] = {
         4,
     ),
 }
-# The metrics that get a table in NAME.md (all are in NAME.json).
+# The metrics that get a table in NAME.md (all are in NAME.json); the ``"se"`` report adds
+# SE_TABLE_METRICS.
 TABLE_METRICS = ("linear_probe", "knn", "effective_rank_features", "effective_rank_projections")
+SE_TABLE_METRICS = ("wasserstein_uniformity_projections",)
 
 
 def _get(tree: Any, path: Sequence[str]) -> float | None:
@@ -75,24 +86,16 @@ def _get(tree: Any, path: Sequence[str]) -> float | None:
     return None if tree is None else float(tree)
 
 
-def _summary(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean and sample standard deviation (ddof = 1; None for fewer than 2 values)."""
-    x = np.asarray([v for v in values if v is not None], np.float64)
-    return {
-        "mean": float(x.mean()) if x.size else None,
-        "std": float(x.std(ddof=1)) if x.size > 1 else None,
-        "n": int(x.size),
-    }
-
-
 def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> dict[str, Any]:
     """Reads every run's ``eval.json`` and record; returns the contents of ``NAME.json``.
 
     A run counts when its ``eval.json`` is of the final training step; others are listed in
     ``missing`` with their status. Per cell and metric: ``mean``, ``std`` (sample, over the
-    seeds that finished) and ``n``.
+    seeds that finished), ``standard_error`` (``std / sqrt(n)``) and ``n``. ``error_bars``
+    (``sweep.error_bars``, default ``"se"``) says which of the two the tables and plots show.
     """
     runs = make_runs(sweep, runs_dir)
+    bars = sweep.get("error_bars") or "se"
     counter = StepCounter()
     cells: dict[str, dict[str, Any]] = {}
     missing = []
@@ -142,7 +145,7 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         entry["runs"].append(item)
     for entry in cells.values():
         done = [r for r in entry["runs"] if r["status"] == "done"]
-        entry["summary"] = {k: _summary([r[k] for r in done]) for k in METRICS}
+        entry["summary"] = {k: summary([r[k] for r in done]) for k in METRICS}
     views: dict[str, dict[str, list[str]]] = {"batch_size": {}, "temperature": {}}
     for entry in cells.values():
         for view in entry["views"]:
@@ -169,7 +172,13 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         "temperature_batch_size": sweep.temperature_batch_size,
         "seeds": list(sweep.seeds),
         "metrics": {k: {"eval_json": ".".join(v[0]), "label": v[1]} for k, v in METRICS.items()},
-        "statistics": "mean and sample standard deviation (ddof = 1) over the seeds that finished",
+        "error_bars": bars,
+        "statistics": (
+            f"mean ± {ERROR_BARS[bars][2]} over the seeds that finished (std: sample standard "
+            "deviation, ddof = 1; standard_error: std / sqrt(n)); differences between losses: "
+            "difference of the means ± sqrt(SE_a² + SE_b²), seeds treated as independent "
+            f"samples, resolved when |difference| > {RESOLVED_SE:g} SE"
+        ),
         "cells": list(cells.values()),
         "views": views,
         "comparisons": [list(p) for p in sweep.get("comparisons") or ()],
@@ -185,76 +194,30 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
     }
     results["differences"] = differences(results)
     results["robustness"] = robustness(results)
+    results["sensitivity"] = sensitivity(results)
     return results
 
 
-def _difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``a - b`` of two cell summaries, with the standard error of that difference of means,
-    ``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` (None unless both cells have >= 2 seeds)."""
-    if not a["n"] or not b["n"]:
-        return None
-    se = None
-    if a["std"] is not None and b["std"] is not None:
-        se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
-    return {"difference": a["mean"] - b["mean"], "standard_error": se}
-
-
-def differences(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """For each pair ``(a, b)`` of ``results["comparisons"]`` and each batch size of the batch
-    view: ``a - b`` of every metric's mean and its standard error (:func:`_difference`)."""
-    cells = {c["name"]: c for c in results["cells"]}
-    view = results["views"]["batch_size"]
-    out = []
-    for a, b in results["comparisons"]:
-        by_batch = {
-            label: {cells[n]["batch_size"]: cells[n] for n in view.get(label, [])}
-            for label in (a, b)
-        }
-        for batch in results["batch_sizes"]:
-            ca, cb = by_batch[a].get(batch), by_batch[b].get(batch)
-            if ca is None or cb is None:
-                continue
-            out.append(
-                {
-                    "losses": [a, b],
-                    "batch_size": batch,
-                    **{m: _difference(ca["summary"][m], cb["summary"][m]) for m in METRICS},
-                }
-            )
-    return out
-
-
-def robustness(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per loss, for the linear-probe accuracy: the range (max - min) of the cell means over the
-    batch sizes and over the temperatures, and the median seed standard deviation of its cells
-    (None where cells are missing)."""
-    cells = {c["name"]: c for c in results["cells"]}
-    out = {}
-    for loss in results["losses"]:
-        entry: dict[str, Any] = {}
-        for view in ("batch_size", "temperature"):
-            names = results["views"][view].get(loss, [])
-            means = [cells[n]["summary"]["linear_probe"]["mean"] for n in names]
-            ok = means and all(m is not None for m in means)
-            entry[f"{view}_range"] = max(means) - min(means) if ok else None
-        stds = [
-            c["summary"]["linear_probe"]["std"]
-            for c in results["cells"]
-            if c["loss"] == loss and c["summary"]["linear_probe"]["std"] is not None
-        ]
-        entry["median_seed_std"] = float(np.median(stds)) if stds else None
-        out[loss] = entry
-    return out
-
-
-def _cell_text(summary: Mapping[str, Any], scale: float, decimals: int, seeds: int) -> str:
+def _cell_text(
+    summary: Mapping[str, Any], scale: float, decimals: int, seeds: int, spread: str = "std"
+) -> str:
     n = summary["n"]
     if not n:
         return "missing"
     text = f"{summary['mean'] * scale:.{decimals}f}"
-    if summary["std"] is not None:
-        text += f" ± {summary['std'] * scale:.{decimals}f}"
+    if summary.get(spread) is not None:
+        text += f" ± {summary[spread] * scale:.{decimals}f}"
     return text if n == seeds else f"{text} ({n}/{seeds} seeds)"
+
+
+def _difference_text(d: Mapping[str, Any] | None, scale: float, decimals: int) -> str:
+    """``+1.23 ± 0.45``, in bold when resolved; ``missing`` for None."""
+    if d is None:
+        return "missing"
+    text = f"{d['difference'] * scale:+.{decimals}f}"
+    if d["standard_error"] is not None:
+        text += f" ± {d['standard_error'] * scale:.{decimals}f}"
+    return f"**{text}**" if d.get("resolved") else text
 
 
 def _temperature_label(name: str, value: float) -> str:
@@ -269,12 +232,17 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines = [f"# Sweep `{results['sweep']}`", ""]
     if results.get("description"):
         lines += [results["description"], ""]
+    se = error_bars(results) == "se"
+    spread, short, long = ERROR_BARS[error_bars(results)]
     lines += [
-        f"Cells: mean ± sample standard deviation over {seeds} seed{'s' * (seeds > 1)} "
-        f"({', '.join(map(str, results['seeds']))}); evaluation `dhel-eval` of the final "
-        "checkpoint (linear probe and kNN on frozen encoder features, test split).",
+        f"Cells: mean ± {'SE, the ' if se else ''}{long} over {seeds} "
+        f"seed{'s' * (seeds > 1)} ({', '.join(map(str, results['seeds']))}); evaluation "
+        "`dhel-eval` of the final checkpoint (linear probe and kNN on frozen encoder features, "
+        "test split).",
         "",
     ]
+    metrics = TABLE_METRICS + (SE_TABLE_METRICS if se else ())
+    heading = " (mean ± SE)" if se else ""
     if not results["complete"]:
         lines += [
             f"**Partial results**: {len(results['missing'])} of {results['num_runs']} runs are "
@@ -284,9 +252,9 @@ def markdown(results: Mapping[str, Any]) -> str:
     batch_view = results["views"]["batch_size"]
     if batch_view:
         lines += ["## Batch size (each loss at its default temperature)", ""]
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             _, label, scale, decimals = METRICS[metric]
-            lines += [f"### {label}", ""]
+            lines += [f"### {label}{heading}", ""]
             header = ["loss"] + [f"B = {b}" for b in results["batch_sizes"]]
             lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
             for loss, names in batch_view.items():
@@ -296,7 +264,9 @@ def markdown(results: Mapping[str, Any]) -> str:
                 for b in results["batch_sizes"]:
                     c = by_batch.get(b)
                     row.append(
-                        _cell_text(c["summary"][metric], scale, decimals, seeds) if c else "-"
+                        _cell_text(c["summary"][metric], scale, decimals, seeds, spread)
+                        if c
+                        else "-"
                     )
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
@@ -312,19 +282,20 @@ def markdown(results: Mapping[str, Any]) -> str:
                 if text not in columns[i]:
                     columns[i].append(text)
         header = ["loss"] + [" / ".join(c) for c in columns]
-        for metric in TABLE_METRICS:
+        for metric in metrics:
             _, label, scale, decimals = METRICS[metric]
-            lines += [f"### {label}", ""]
+            lines += [f"### {label}{heading}", ""]
             lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * width + "|"]
             for loss, names in temp_view.items():
                 row = [f"{loss} ({TEMPERATURES[losses[loss]['temperature']]})"]
                 row += [
-                    _cell_text(cells[n]["summary"][metric], scale, decimals, seeds) for n in names
+                    _cell_text(cells[n]["summary"][metric], scale, decimals, seeds, spread)
+                    for n in names
                 ]
                 row += ["-"] * (width - len(names))
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
-    lines += _comparison_lines(results)
+    lines += _se_comparison_lines(results) if se else _comparison_lines(results)
     wall = results["wall_time"]
     lines += [
         "## Runs",
@@ -394,6 +365,90 @@ def _comparison_lines(results: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _se_comparison_lines(results: Mapping[str, Any]) -> list[str]:
+    """The ``"se"`` report's differences between losses and sensitivity tables."""
+    lines = []
+    threshold = f"{RESOLVED_SE:g}"
+    if results["differences"]:
+        lines += [
+            "## Differences between losses (batch-size view)",
+            "",
+            "Difference of the cell means ± its standard error sqrt(SE_a² + SE_b²) = "
+            "sqrt(s_a²/n_a + s_b²/n_b), the seeds of the two cells treated as independent "
+            "samples (a seed does not carry over between losses: in the first study pairing "
+            f"by seed removed no variance). **Bold**: resolved, |difference| > {threshold} SE; "
+            "any other difference is not resolved by this sweep.",
+            "",
+        ]
+        for metric in (
+            "linear_probe",
+            "knn",
+            "effective_rank_projections",
+            "wasserstein_uniformity_projections",
+        ):
+            _, label, scale, decimals = METRICS[metric]
+            header = ["losses"] + [f"B = {b}" for b in results["batch_sizes"]]
+            lines += [f"### {label}: difference ± SE", ""]
+            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+            for a, b in results["comparisons"]:
+                row = [f"{a} − {b}"]
+                for batch in results["batch_sizes"]:
+                    d = next(
+                        (
+                            x[metric]
+                            for x in results["differences"]
+                            if x["losses"] == [a, b] and x["batch_size"] == batch
+                        ),
+                        None,
+                    )
+                    row.append(_difference_text(d, scale, decimals))
+                lines.append("| " + " | ".join(row) + " |")
+            lines.append("")
+    sens = results.get("sensitivity")
+    if sens:
+        small, large = min(results["batch_sizes"]), max(results["batch_sizes"])
+        lines += [
+            "## Sensitivity to the batch size and the temperature (percentage points)",
+            "",
+            f"Drop: accuracy at B = {large} minus accuracy at B = {small} (each loss at its "
+            "default temperature). Temperature range: the highest minus the lowest cell mean over "
+            f"the temperatures at B = {results['temperature_batch_size']} (the two cells are "
+            "chosen after seeing the means, so the range is biased upward and its flag is "
+            f"optimistic). ± SE; **bold**: beyond {threshold} SE.",
+            "",
+        ]
+        for metric in SENSITIVITY_METRICS:
+            _, label, scale, decimals = METRICS[metric]
+            lines += [
+                f"### {label}",
+                "",
+                f"| loss | drop, B = {large} − B = {small} | temperature range |",
+                "|---|---:|---:|",
+            ]
+            for loss, entry in sens["losses"].items():
+                e = entry[metric]
+                lines.append(
+                    f"| {loss} | {_difference_text(e['small_batch_drop'], scale, decimals)} | "
+                    f"{_difference_text(e['temperature_range'], scale, decimals)} |"
+                )
+            if sens["comparisons"]:
+                lines += [
+                    "",
+                    "| losses | difference of drops | difference of temperature ranges |",
+                    "|---|---:|---:|",
+                ]
+                for item in sens["comparisons"]:
+                    e = item[metric]
+                    a, b = item["losses"]
+                    lines.append(
+                        f"| {a} − {b} | "
+                        f"{_difference_text(e['small_batch_drop'], scale, decimals)} | "
+                        f"{_difference_text(e['temperature_range'], scale, decimals)} |"
+                    )
+            lines.append("")
+    return lines
+
+
 def _save_png(fig: Any, path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -408,17 +463,21 @@ def _legend(ax: Any, **kwargs: Any) -> None:
 def _series(results: Mapping[str, Any], names: Sequence[str], x_key: str, metric: str):
     cells = {c["name"]: c for c in results["cells"]}
     scale = METRICS[metric][2]
+    spread = ERROR_BARS[error_bars(results)][0]
     points = [(cells[n][x_key], cells[n]["summary"][metric]) for n in names]
     points = [(x, s) for x, s in points if s["n"]]
     x = np.asarray([p[0] for p in points], float)
     y = np.asarray([p[1]["mean"] * scale for p in points], float)
-    err = np.asarray([(p[1]["std"] or 0.0) * scale for p in points], float)
+    err = np.asarray([(p[1].get(spread) or 0.0) * scale for p in points], float)
     return x, y, err
 
 
 def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> dict[str, str]:
-    """Writes ``NAME_batch_size.png``, ``NAME_temperature.png`` and ``NAME_effective_rank.png``
-    (error bars: sample standard deviation over seeds); returns their paths."""
+    """Writes ``NAME_batch_size.png`` (linear-probe and kNN accuracy against log B),
+    ``NAME_temperature.png``, ``NAME_effective_rank.png`` and ``NAME_geometry.png`` (effective
+    rank and W1 uniformity of the projections against log B); error bars: the standard error
+    of the mean, or the sample standard deviation for an ``"sd"`` report (:func:`error_bars`).
+    Returns their paths."""
     from matplotlib.figure import Figure
 
     out = Path(results_dir)
@@ -426,24 +485,32 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
     seeds = len(results["seeds"])
     paths = {}
     colours = {loss: f"C{i}" for i, loss in enumerate(results["losses"])}
-    note = f"mean ± std over {seeds} seed{'s' * (seeds > 1)}"
+    spread, short, _ = ERROR_BARS[error_bars(results)]
+    note = f"mean ± {short} over {seeds} seed{'s' * (seeds > 1)}"
 
     batch_view = results["views"]["batch_size"]
-    fig = Figure(figsize=(11, 4.2))
-    for ax, metric in zip(fig.subplots(1, 2), ("linear_probe", "knn"), strict=True):
-        for loss, names in batch_view.items():
-            x, y, err = _series(results, names, "batch_size", metric)
-            if x.size:
-                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colours[loss], label=loss)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(results["batch_sizes"], [str(b) for b in results["batch_sizes"]])
-        ax.set_xlabel("batch size")
-        ax.set_ylabel(METRICS[metric][1])
-        ax.grid(True, alpha=0.3)
-        _legend(ax)
-    fig.suptitle(f"{name}: accuracy vs batch size (default temperature; {note})")
-    paths["batch_size"] = out / f"{name}_batch_size.png"
-    _save_png(fig, paths["batch_size"])
+
+    def against_batch_size(metrics: Sequence[str], title: str, key: str) -> None:
+        fig = Figure(figsize=(11, 4.2))
+        for ax, metric in zip(fig.subplots(1, len(metrics)), metrics, strict=True):
+            for loss, names in batch_view.items():
+                x, y, err = _series(results, names, "batch_size", metric)
+                if x.size:
+                    ax.errorbar(
+                        x, y, yerr=err, marker="o", capsize=3, color=colours[loss], label=loss
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(results["batch_sizes"], [str(b) for b in results["batch_sizes"]])
+            ax.set_xlabel("batch size (log scale)")
+            w1 = metric == "wasserstein_uniformity_projections"
+            ax.set_ylabel(METRICS[metric][1] + (" (0: uniform)" if w1 else ""))
+            ax.grid(True, alpha=0.3)
+            _legend(ax)
+        fig.suptitle(f"{name}: {title} vs batch size (default temperature; {note})")
+        paths[key] = out / f"{name}_{key}.png"
+        _save_png(fig, paths[key])
+
+    against_batch_size(("linear_probe", "knn"), "accuracy", "batch_size")
 
     temp_view = results["views"]["temperature"]
     groups: dict[str, list[str]] = {}
@@ -494,7 +561,7 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
                     None,
                 )
                 heights.append(s["mean"] if s and s["n"] else np.nan)
-                errs.append((s["std"] or 0.0) if s and s["n"] else 0.0)
+                errs.append((s.get(spread) or 0.0) if s and s["n"] else 0.0)
             xs = np.arange(len(batch_view)) + (j - (len(batches) - 1) / 2) * width
             ax.bar(xs, heights, width, yerr=errs, capsize=2, label=f"B = {batch}")
         ax.set_xticks(np.arange(len(batch_view)), list(batch_view))
@@ -504,6 +571,12 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
     fig.suptitle(f"{name}: effective rank per loss (default temperature; {note})")
     paths["effective_rank"] = out / f"{name}_effective_rank.png"
     _save_png(fig, paths["effective_rank"])
+
+    against_batch_size(
+        ("effective_rank_projections", "wasserstein_uniformity_projections"),
+        "geometry of the projections",
+        "geometry",
+    )
     return {k: os.fspath(v) for k, v in paths.items()}
 
 
