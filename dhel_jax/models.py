@@ -122,7 +122,82 @@ def _kernel_grad(
     strides: Sequence[int],
     padding: Sequence[tuple[int, int]],
 ) -> Array:
-    """Kernel gradient of an NHWC/HWIO convolution as one NHWC/HWIO convolution.
+    """Kernel gradient of an NHWC/HWIO convolution as NHWC/HWIO convolutions.
+
+    Both forms contract over the examples, which must become the minor (feature) axis of one
+    operand: a full transpose of that operand, (N, H, W, C) -> (C, H, W, N), while the other
+    only moves N past the spatial axes and keeps C-long rows contiguous. XLA:CPU fuses the
+    producer of the transposed operand (BatchNorm, residual add, ReLU) into the copy and reads
+    every input in transposed order, so the full transpose is the step's largest layout cost.
+    It goes to the smaller of ``x`` and ``g`` (``g`` on a tie): :func:`_kernel_grad_by_g_t`
+    unless ``x`` is smaller (the one-channel stem), then :func:`_kernel_grad_by_x_t`.
+    """
+    if g.size <= x.size:
+        return _kernel_grad_by_g_t(x, g, kernel_shape, strides, padding)
+    return _kernel_grad_by_x_t(x, g, kernel_shape, strides, padding)
+
+
+def _kernel_grad_by_g_t(
+    x: Array,
+    g: Array,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> Array:
+    """Kernel gradient with ``g`` transposed to (O, H', W', N) as the convolution's input.
+
+    Split the taps by their phase r = a mod s_h (and t = b mod s_w): tap ``a = s_h a' + r``
+    reads ``x_pad[s_h (h + a') + r] = x[s_h m + c]`` with ``c = (r - lo) mod s_h`` and
+    ``m = h + a' + d``, ``d = (r - lo - c) / s_h``. So the taps of phase (r, t) are a stride-1
+    kernel gradient between ``g`` and the phase ``x[:, c::s_h, c'::s_w]`` of the unpadded
+    input, here one NHWC/HWIO convolution of ``g`` transposed to (O, H', W', N) with that phase
+    transposed to (M_h, M_w, N, I) as its kernel, ``g`` padded so that output row
+    ``k_r - 1 - a'`` is tap a'. The phases partition ``x`` (a stride-1 convolution has one), and
+    the kernel is never padded: a kernel larger than the convolution's unpadded input sends
+    XLA:CPU to a slow path.
+    """
+
+    def plan(axis: int, r: int) -> tuple[int, slice, slice, tuple[int, int]]:
+        size, out, k, s = x.shape[1 + axis], g.shape[1 + axis], kernel_shape[axis], strides[axis]
+        lo = padding[axis][0]
+        taps = len(range(r, k, s))
+        c = (r - lo) % s
+        pad_lo = taps - 1 + (r - lo - c) // s
+        # g rows that meet only zero padding are cropped, not padded negatively (XLA:CPU's
+        # float32 convolution reads garbage for a negative low padding).
+        start = max(0, -pad_lo)
+        pad_lo = max(0, pad_lo)
+        pad_hi = taps - 1 + len(range(c, size, s)) - pad_lo - (out - start)
+        stop = out + min(0, pad_hi)
+        return taps, slice(c, None, s), slice(start, stop), (pad_lo, max(0, pad_hi))
+
+    sh, sw = strides
+    g_t = g.transpose(3, 1, 2, 0)
+    dw = jnp.zeros((*kernel_shape[:2], x.shape[3], g.shape[3]), g.dtype)
+    for r in range(sh):
+        for t in range(sw):
+            (taps_h, rows, g_rows, pad_h), (taps_w, cols, g_cols, pad_w) = plan(0, r), plan(1, t)
+            if not (taps_h and taps_w):  # a phase no tap reaches (stride larger than the kernel)
+                continue
+            phase = x[:, rows, cols].transpose(1, 2, 0, 3)
+            out = jax.lax.conv_general_dilated(
+                g_t[:, g_rows, g_cols], phase, (1, 1), (pad_h, pad_w), dimension_numbers=_NHWC
+            )
+            block = jnp.flip(out, (1, 2)).transpose(1, 2, 3, 0)
+            if (sh, sw) == (1, 1):
+                return block
+            dw = dw.at[r::sh, t::sw].set(block)
+    return dw
+
+
+def _kernel_grad_by_x_t(
+    x: Array,
+    g: Array,
+    kernel_shape: Sequence[int],
+    strides: Sequence[int],
+    padding: Sequence[tuple[int, int]],
+) -> Array:
+    """Kernel gradient with ``x`` transposed to (I, H, W, N) as the convolution's input.
 
     ``dw[a, b, i, o] = sum_{n, h, w} x_pad[n, s_h h + a, s_w w + b, i] g[n, h, w, o]``: a
     convolution of ``x`` transposed to (I, H, W, N) (the input channels as the batch, the

@@ -474,6 +474,40 @@ def test_conv_general_dilated_gradients_match_float64_reference(
     np.testing.assert_allclose(kernel_grad, want_vjp(g)[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("form", ["_kernel_grad_by_g_t", "_kernel_grad_by_x_t"])
+@pytest.mark.parametrize(
+    "shape, kernel_size, strides, padding",
+    [
+        ((3, 10, 10, 4), 3, (1, 1), ((1, 1), (1, 1))),
+        ((3, 12, 12, 4), 3, (2, 2), ((1, 1), (1, 1))),
+        ((2, 7, 9, 3), 3, (2, 2), ((1, 1), (1, 1))),  # odd sides: uneven phases
+        ((2, 9, 9, 3), 3, (3, 3), ((1, 1), (1, 1))),  # g rows before the first phase row
+        ((2, 9, 8, 3), 3, (3, 2), ((2, 0), (0, 2))),
+        ((2, 8, 8, 3), 2, (3, 3), ((0, 0), (0, 0))),  # a phase no tap reaches
+        ((2, 6, 7, 3), 3, (1, 1), ((3, 0), (2, 1))),  # padding wider than the kernel
+        ((3, 12, 12, 4), 1, (2, 2), ((0, 0), (0, 0))),
+    ],
+)
+def test_both_kernel_gradient_forms_match_float64_reference(
+    rng, form, shape, kernel_size, strides, padding
+):
+    """``_kernel_grad`` picks one of two forms by the operands' sizes; each is checked here on
+    its own, whichever the picker would choose for these shapes."""
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    kernel_shape = (kernel_size, kernel_size, shape[-1], 5)
+    out = jax.eval_shape(
+        lambda x: jax.lax.conv_general_dilated(
+            x, jnp.zeros(kernel_shape), strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ),
+        x,
+    )
+    g = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    got = getattr(models, form)(x, g, kernel_shape, strides, padding)
+    chex.assert_shape(got, kernel_shape)
+    want = _conv_kernel_grad_float64(x, g, kernel_size, strides, padding)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_resnet_convolutions_use_the_custom_vjp():
     """Every convolution of a ResNet goes through the custom VJP: the jaxpr of its gradient
     holds one custom_vjp_call per convolution kernel."""
