@@ -210,14 +210,41 @@ def _cell_text(
     return text if n == seeds else f"{text} ({n}/{seeds} seeds)"
 
 
-def _difference_text(d: Mapping[str, Any] | None, scale: float, decimals: int) -> str:
-    """``+1.23 ± 0.45``, in bold when resolved; ``missing`` for None."""
+def _difference_text(
+    d: Mapping[str, Any] | None, scale: float, decimals: int, *, bold: bool = True
+) -> str:
+    """``+1.23 ± 0.45``, in bold when resolved (and ``bold``); ``missing`` for None."""
     if d is None:
         return "missing"
     text = f"{d['difference'] * scale:+.{decimals}f}"
     if d["standard_error"] is not None:
         text += f" ± {d['standard_error'] * scale:.{decimals}f}"
-    return f"**{text}**" if d.get("resolved") else text
+    return f"**{text}**" if bold and d.get("resolved") else text
+
+
+def _difference_table(
+    results: Mapping[str, Any], metric: str, title: str, *, bold: bool
+) -> list[str]:
+    """Markdown table of ``metric``'s loss differences (``results["comparisons"]``) per batch
+    size, headed ``### <label>: <title>``."""
+    _, label, scale, decimals = METRICS[metric]
+    header = ["losses"] + [f"B = {b}" for b in results["batch_sizes"]]
+    lines = [f"### {label}: {title}", ""]
+    lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
+    for a, b in results["comparisons"]:
+        row = [f"{a} − {b}"]
+        for batch in results["batch_sizes"]:
+            d = next(
+                (
+                    x[metric]
+                    for x in results["differences"]
+                    if x["losses"] == [a, b] and x["batch_size"] == batch
+                ),
+                None,
+            )
+            row.append(_difference_text(d, scale, decimals, bold=bold))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines + [""]
 
 
 def _temperature_label(name: str, value: float) -> str:
@@ -326,30 +353,7 @@ def _comparison_lines(results: Mapping[str, Any]) -> list[str]:
             "",
         ]
         for metric in ("linear_probe", "effective_rank_features"):
-            _, label, scale, decimals = METRICS[metric]
-            header = ["losses"] + [f"B = {b}" for b in results["batch_sizes"]]
-            lines += [f"### {label}: difference", ""]
-            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-            for a, b in results["comparisons"]:
-                row = [f"{a} − {b}"]
-                for batch in results["batch_sizes"]:
-                    d = next(
-                        (
-                            x[metric]
-                            for x in results["differences"]
-                            if x["losses"] == [a, b] and x["batch_size"] == batch
-                        ),
-                        None,
-                    )
-                    if d is None:
-                        row.append("missing")
-                        continue
-                    text = f"{d['difference'] * scale:+.{decimals}f}"
-                    if d["standard_error"] is not None:
-                        text += f" ± {d['standard_error'] * scale:.{decimals}f}"
-                    row.append(text)
-                lines.append("| " + " | ".join(row) + " |")
-            lines.append("")
+            lines += _difference_table(results, metric, "difference", bold=False)
     lines += [
         "## Robustness of the linear-probe accuracy (percentage points)",
         "",
@@ -386,24 +390,7 @@ def _se_comparison_lines(results: Mapping[str, Any]) -> list[str]:
             "effective_rank_projections",
             "wasserstein_uniformity_projections",
         ):
-            _, label, scale, decimals = METRICS[metric]
-            header = ["losses"] + [f"B = {b}" for b in results["batch_sizes"]]
-            lines += [f"### {label}: difference ± SE", ""]
-            lines += ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 1) + "|"]
-            for a, b in results["comparisons"]:
-                row = [f"{a} − {b}"]
-                for batch in results["batch_sizes"]:
-                    d = next(
-                        (
-                            x[metric]
-                            for x in results["differences"]
-                            if x["losses"] == [a, b] and x["batch_size"] == batch
-                        ),
-                        None,
-                    )
-                    row.append(_difference_text(d, scale, decimals))
-                lines.append("| " + " | ".join(row) + " |")
-            lines.append("")
+            lines += _difference_table(results, metric, "difference ± SE", bold=True)
     sens = results.get("sensitivity")
     if sens:
         small, large = min(results["batch_sizes"]), max(results["batch_sizes"])
