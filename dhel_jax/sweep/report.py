@@ -259,8 +259,9 @@ def markdown(results: Mapping[str, Any]) -> str:
     lines = [f"# Sweep `{results['sweep']}`", ""]
     if results.get("description"):
         lines += [results["description"], ""]
-    se = error_bars(results) == "se"
-    spread, short, long = ERROR_BARS[error_bars(results)]
+    bars = error_bars(results)
+    se = bars == "se"
+    spread, _, long = ERROR_BARS[bars]
     lines += [
         f"Cells: mean ± {'SE, the ' if se else ''}{long} over {seeds} "
         f"seed{'s' * (seeds > 1)} ({', '.join(map(str, results['seeds']))}); evaluation "
@@ -412,12 +413,15 @@ def _se_comparison_lines(results: Mapping[str, Any]) -> list[str]:
                 f"| loss | drop, B = {large} − B = {small} | temperature range |",
                 "|---|---:|---:|",
             ]
-            for loss, entry in sens["losses"].items():
-                e = entry[metric]
-                lines.append(
-                    f"| {loss} | {_difference_text(e['small_batch_drop'], scale, decimals)} | "
-                    f"{_difference_text(e['temperature_range'], scale, decimals)} |"
+
+            def cells(e: Mapping[str, Any], scale: float = scale, decimals: int = decimals) -> str:
+                return " | ".join(
+                    _difference_text(e[key], scale, decimals)
+                    for key in ("small_batch_drop", "temperature_range")
                 )
+
+            for loss, entry in sens["losses"].items():
+                lines.append(f"| {loss} | {cells(entry[metric])} |")
             if sens["comparisons"]:
                 lines += [
                     "",
@@ -425,13 +429,8 @@ def _se_comparison_lines(results: Mapping[str, Any]) -> list[str]:
                     "|---|---:|---:|",
                 ]
                 for item in sens["comparisons"]:
-                    e = item[metric]
                     a, b = item["losses"]
-                    lines.append(
-                        f"| {a} − {b} | "
-                        f"{_difference_text(e['small_batch_drop'], scale, decimals)} | "
-                        f"{_difference_text(e['temperature_range'], scale, decimals)} |"
-                    )
+                    lines.append(f"| {a} − {b} | {cells(item[metric])} |")
             lines.append("")
     return lines
 
