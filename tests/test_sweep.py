@@ -58,6 +58,7 @@ def get_sweep():
     sweep.batch_sizes = (16,)
     sweep.temperature_batch_size = 16
     sweep.seeds = (0, 1)
+    sweep.baselines_cell = "dhel_b16_tau0.3"
     return sweep
 """
 
@@ -140,6 +141,9 @@ def test_fmnist_cpu_v2_grid_has_three_seeds_and_one_pinned_budget():
     # 4 losses x 3 batch sizes, plus 4 x 3 temperatures at B = 128 of which 3 are defaults.
     assert len(cells) == 12 + 12 - 3 == 21 == len({c.name for c in cells})
     assert len(runs) == 63 and {r.seed for r in runs} == {0, 1, 2}
+    # One cell per seed also scores the baselines that every cell of the seed is held against.
+    scored = [r.label for r in runs if "--baselines" in r.eval_args]
+    assert scored == [f"dhel_b128_tau0.3/seed{k}" for k in (0, 1, 2)]
     assert s.error_bars == "se" and tuple(s.comparisons) == sweep.PAPER_COMPARISONS
     for loss in sweep.PAPER_LOSS_ORDER:
         mine = [c for c in cells if c.loss == loss]
@@ -227,6 +231,7 @@ def test_train_command_builds_the_run_config(tmp_path):
         ('sweep.config = "nope.py"', "no such training config file"),
         ("sweep.bogus = 1", "unknown field 'bogus'"),
         ('sweep.error_bars = "ci"', "sweep.error_bars must be 'se'"),
+        ('sweep.baselines_cell = "dhel_b32"', "sweep.baselines_cell: no cell named 'dhel_b32'"),
     ],
 )
 def test_bad_sweeps_fail_clearly(tmp_path, change, message):
@@ -431,6 +436,51 @@ def test_differences_and_sensitivity_with_standard_errors_against_numpy(tmp_path
     assert all(Path(p).read_bytes()[:8] == PNG_SIGNATURE for p in paths.values())
 
 
+def test_baseline_gains_use_each_runs_own_seed_and_skip_seeds_without_baselines():
+    rng = np.random.default_rng(3)
+    acc = rng.uniform(0.7, 0.9, size=(2, 3, 2))  # cell, seed, (linear, kNN)
+    base = {0: rng.uniform(0.6, 0.8, size=2), 2: rng.uniform(0.6, 0.8, size=2)}  # no seed 1
+    cells = [
+        {
+            "name": f"cell{i}",
+            "runs": [
+                {
+                    "seed": k,
+                    # Seed 2 of cell 1 did not finish: it counts nowhere.
+                    "status": "new" if (i, k) == (1, 2) else "done",
+                    "linear_probe": acc[i, k, 0],
+                    "knn": acc[i, k, 1],
+                }
+                for k in range(3)
+            ],
+        }
+        for i in range(2)
+    ]
+    results = {
+        "cells": cells,
+        "baselines": [
+            {"seed": k, "random_init": {"linear_probe": b[0], "knn": b[1]}} for k, b in base.items()
+        ],
+    }
+    gains = sweep.baseline_gains(results)
+    smallest = np.inf
+    for i, seeds in ((0, [0, 2]), (1, [0])):
+        g = np.array([acc[i, k] - base[k] for k in seeds], np.float64)
+        smallest = min(smallest, g.min())
+        for j, metric in enumerate(("linear_probe", "knn")):
+            entry = gains["cells"][f"cell{i}"][metric]
+            assert entry["n"] == len(seeds)
+            assert entry["mean"] == pytest.approx(g[:, j].mean(), abs=1e-12)
+            assert entry["min"] == pytest.approx(g[:, j].min(), abs=1e-12)
+            if len(seeds) > 1:
+                se = g[:, j].std(ddof=1) / np.sqrt(len(seeds))
+                assert entry["standard_error"] == pytest.approx(se, abs=1e-12)
+            else:
+                assert entry["standard_error"] is None
+    assert gains["smallest"]["gain"] == pytest.approx(smallest, abs=1e-12)
+    assert sweep.baseline_gains({"cells": cells})["smallest"] is None
+
+
 def test_sd_report_keeps_the_first_studys_format():
     """``error_bars = "sd"`` (and results written before the option) give mean ± sample std
     and no resolved marks, as results/fmnist_cpu.md."""
@@ -614,6 +664,40 @@ def test_aggregate_json_table_and_plots(invocations, tmp_path):
     row = f"| dhel (τ = 0.3) | {100 * lp['mean']:.2f} ± {100 * lp['standard_error']:.2f} |"
     assert row in table
     assert "| loss | B = 16 |" in table and "## Temperature (batch size 16)" in table
+    # The baselines of each seed, scored by the dhel cell's evaluation only, and every run's
+    # gain over the random-init encoder of its own seed (NumPy, float64, from the eval.json files).
+    assert results["baselines_cell"] == "dhel_b16_tau0.3"
+    base = {}
+    for k in (0, 1):
+        assert "baselines" not in evals[("simclr_b16_tau0.5", k)]
+        found = evals[("dhel_b16_tau0.3", k)]["baselines"]["random_init"]
+        base[k] = np.array([found["linear_probe"]["accuracy"], found["knn"]["accuracy"]])
+    assert [b["seed"] for b in results["baselines"]] == [0, 1]
+    for b in results["baselines"]:
+        got = [b["random_init"]["linear_probe"], b["random_init"]["knn"]]
+        assert got == pytest.approx(base[b["seed"]], rel=1e-12)
+    smallest = np.inf
+    for name in ("simclr_b16_tau0.5", "dhel_b16_tau0.3"):
+        gains = np.array(
+            [
+                [evals[(name, k)]["linear_probe"]["accuracy"], evals[(name, k)]["knn"]["accuracy"]]
+                for k in (0, 1)
+            ],
+            np.float64,
+        ) - np.stack([base[0], base[1]])
+        smallest = min(smallest, gains.min())
+        entry = results["baseline_gains"]["cells"][name]
+        for j, metric in enumerate(("linear_probe", "knn")):
+            assert entry[metric]["n"] == 2
+            assert entry[metric]["mean"] == pytest.approx(gains[:, j].mean(), abs=1e-12)
+            assert entry[metric]["min"] == pytest.approx(gains[:, j].min(), abs=1e-12)
+            se = gains[:, j].std(ddof=1) / np.sqrt(2)
+            assert entry[metric]["standard_error"] == pytest.approx(se, abs=1e-12)
+    assert results["baseline_gains"]["smallest"]["gain"] == pytest.approx(smallest, abs=1e-12)
+    assert "## Baselines: the random-init encoder and the raw pixels" in table
+    assert f"| 0 | {100 * base[0][0]:.2f} | {100 * base[0][1]:.2f} | " in table
+    assert f"Smallest gain of any run: {100 * smallest:+.2f} points" in table
+
     for key in ("batch_size", "temperature", "effective_rank", "geometry"):
         assert Path(paths[key]).name == f"tiny_{key}.png"
         assert Path(paths[key]).read_bytes()[:8] == PNG_SIGNATURE

@@ -16,9 +16,11 @@ A sweep file (``configs/sweeps/NAME.py``) defines ``get_sweep()``, returning a
   settings, so no loss is tuned more than another (:func:`paper_losses` builds the paper's);
 * ``batch_sizes``, ``temperature_batch_size`` and ``seeds``;
 * optionally ``loss_order`` (table order), ``comparisons`` (pairs ``(a, b)`` of loss labels
-  whose differences ``a - b`` are tabulated), ``description`` and ``error_bars``: ``"se"``
+  whose differences ``a - b`` are tabulated), ``description``, ``error_bars``: ``"se"``
   (the default: cells are mean ± standard error of the mean over seeds) or ``"sd"`` (mean ±
-  sample standard deviation: the first study's report, results/fmnist_cpu.md).
+  sample standard deviation: the first study's report, results/fmnist_cpu.md), and
+  ``baselines_cell``: the name of a cell whose ``dhel-eval`` also runs ``--baselines``, once
+  per seed (the random-init encoder depends on the seed only, so it serves every cell).
 
 :func:`paper_sweep` builds the whole ``ConfigDict`` of the paper's comparison; every file in
 ``configs/sweeps/`` uses it.
@@ -56,7 +58,9 @@ the projections; the ``comparisons`` as differences ± standard error, seeds tre
 independent samples, in bold where resolved, i.e. beyond 2 standard errors; the range of each
 loss's accuracy over batch sizes and temperatures, and with ``"se"`` its drop from the largest
 to the smallest batch size and its range over temperatures with standard errors, and the
-comparisons' differences of those, :func:`~dhel_jax.sweep.stats.sensitivity`) and four plots:
+comparisons' differences of those, :func:`~dhel_jax.sweep.stats.sensitivity`; with
+baselines, each seed's random-init and pixel baselines and every cell's gain over its seed's
+random-init encoder, :func:`~dhel_jax.sweep.stats.baseline_gains`) and four plots:
 ``NAME_batch_size.png`` (accuracy against log B), ``NAME_temperature.png``,
 ``NAME_effective_rank.png`` and ``NAME_geometry.png`` (effective rank and W1 uniformity of the
 projections against log B).
@@ -123,6 +127,7 @@ from dhel_jax.sweep.runner import (
 from dhel_jax.sweep.stats import (
     ERROR_BARS,
     RESOLVED_SE,
+    baseline_gains,
     differences,
     error_bars,
     robustness,
@@ -151,6 +156,7 @@ __all__ = [
     "StepCounter",
     "SweepError",
     "aggregate",
+    "baseline_gains",
     "default_temperature",
     "differences",
     "display_command",

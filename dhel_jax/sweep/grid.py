@@ -79,7 +79,7 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
     missing = [k for k in required if k not in sweep]
     if missing:
         raise SweepError(f"sweep: missing field(s) {', '.join(missing)}; a sweep sets {required}.")
-    optional = ("description", "loss_order", "comparisons", "error_bars")
+    optional = ("description", "loss_order", "comparisons", "error_bars", "baselines_cell")
     extra = sorted(set(sweep) - {*required, *optional})
     if extra:
         raise SweepError(f"sweep: unknown field {extra[0]!r}; accepted: {required + optional}.")
@@ -165,9 +165,16 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
                 f"sweep.comparisons: {pair!r} is not a pair of keys of sweep.losses "
                 f"({sorted(sweep.losses)})."
             )
+    cells = expand(sweep)
+    chosen = sweep.get("baselines_cell")
+    if chosen is not None and chosen not in {c.name for c in cells}:
+        raise SweepError(
+            f"sweep.baselines_cell: no cell named {chosen!r}; it names the cell whose "
+            f"evaluation also scores the baselines, one of: {', '.join(c.name for c in cells)}."
+        )
     # Every run's config must build: check one cell of each loss now, not hours into the sweep.
     checked: set[str] = set()
-    for cell in expand(sweep):
+    for cell in cells:
         if cell.loss not in checked:
             checked.add(cell.loss)
             try:
@@ -207,12 +214,14 @@ def paper_sweep(
     temperature_batch_size: int = 256,
     seeds: Sequence[int] = (0, 1),
     error_bars: str = "se",
+    baselines_cell: str | None = None,
 ) -> ml_collections.ConfigDict:
     """A sweep of the paper's comparison (:func:`paper_losses`, :data:`PAPER_LOSS_ORDER`,
     :data:`PAPER_COMPARISONS`) over ``config`` (a path relative to the sweep file): every loss
     at its default temperature over ``batch_sizes``, and over the temperatures at
     ``temperature_batch_size``; ``overrides`` apply to every run; ``error_bars``: what the ± of
-    the report is (``"se"`` or ``"sd"``, see :mod:`dhel_jax.sweep`)."""
+    the report is (``"se"`` or ``"sd"``, see :mod:`dhel_jax.sweep`); ``baselines_cell``: the
+    cell whose ``dhel-eval`` also scores the baselines of its seed (``--baselines``)."""
     sweep = ml_collections.ConfigDict()
     sweep.description = description
     sweep.config = config
@@ -224,6 +233,8 @@ def paper_sweep(
     sweep.temperature_batch_size = temperature_batch_size
     sweep.seeds = tuple(seeds)
     sweep.error_bars = error_bars
+    if baselines_cell is not None:
+        sweep.baselines_cell = baselines_cell
     return sweep
 
 
@@ -355,6 +366,7 @@ def make_runs(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
     """Every run of the sweep, seed by seed (so a partly run sweep covers the whole grid with
     its first seeds), cells in :func:`expand` order; workdirs under ``<runs_dir>/<name>/``."""
     root = Path(runs_dir) / sweep.name
+    baselines_cell = sweep.get("baselines_cell")
     runs = []
     for seed in sweep.seeds:
         for cell in expand(sweep):
@@ -364,7 +376,10 @@ def make_runs(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
                 f"--config.{k}={_flag_value(v)}"
                 for k, v in run_overrides(sweep, cell, seed).items()
             ]
-            runs.append(Run(cell, seed, workdir, tuple(args), ("--workdir", os.fspath(workdir))))
+            evaluate = ["--workdir", os.fspath(workdir)]
+            if cell.name == baselines_cell:
+                evaluate.append("--baselines")
+            runs.append(Run(cell, seed, workdir, tuple(args), tuple(evaluate)))
     return runs
 
 

@@ -36,6 +36,7 @@ from dhel_jax.sweep.stats import (
     ERROR_BARS,
     RESOLVED_SE,
     SENSITIVITY_METRICS,
+    baseline_gains,
     differences,
     error_bars,
     robustness,
@@ -102,6 +103,7 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
     wall = {"train_seconds": 0.0, "eval_seconds": 0.0}
     hosts: list[dict[str, Any]] = []
     devices: list[dict[str, Any]] = []
+    found_baselines: dict[int, dict[str, Any]] = {}
     for run in runs:
         cell = run.cell
         entry = cells.setdefault(
@@ -140,6 +142,8 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
             device = evaluated.get("devices")
             if device and device not in devices:
                 devices.append(device)
+            if evaluated.get("baselines") and run.seed not in found_baselines:
+                found_baselines[run.seed] = _seed_baselines(run.label, run.seed, evaluated)
         else:
             missing.append({"run": run.label, "status": state.status, "step": state.step})
         entry["runs"].append(item)
@@ -192,10 +196,91 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         "hardware": hosts,
         "devices": devices,
     }
+    if sweep.get("baselines_cell") or found_baselines:
+        results["baselines_cell"] = sweep.get("baselines_cell")
+        results["baselines"] = [found_baselines[k] for k in sorted(found_baselines)]
+        results["baseline_gains"] = baseline_gains(results)
     results["differences"] = differences(results)
     results["robustness"] = robustness(results)
     results["sensitivity"] = sensitivity(results)
     return results
+
+
+def _seed_baselines(label: str, seed: int, evaluated: Mapping[str, Any]) -> dict[str, Any]:
+    """One seed's entry of ``results["baselines"]``, from a run's ``eval.json``."""
+    found = evaluated["baselines"]
+    entry: dict[str, Any] = {"seed": seed, "run": label}
+    for key in ("random_init", "pixels"):
+        entry[key] = {m: _get(found[key], METRICS[m][0]) for m in SENSITIVITY_METRICS}
+    entry["pixels"]["image_size"] = found["pixels"].get("image_size")
+    return entry
+
+
+def _baseline_lines(results: Mapping[str, Any]) -> list[str]:
+    """The baselines of each seed and every cell's gain over its seed's random-init encoder."""
+    if "baselines" not in results:
+        return []
+    where = results.get("baselines_cell")
+    lines = [
+        "## Baselines: the random-init encoder and the raw pixels",
+        "",
+        "The same probes on the same architecture at random initialisation (the seed's initial "
+        "weights, BatchNorm statistics re-estimated on training images) and on the raw pixels, "
+        "scored by `dhel-eval --baselines`"
+        + (f" in cell `{where}` of each seed." if where else "."),
+        "",
+    ]
+    found = results["baselines"]
+    if not found:
+        return lines + ["No seed's baselines are scored yet.", ""]
+    size = next((b["pixels"]["image_size"] for b in found if b["pixels"]["image_size"]), None)
+    pixels = f"raw pixels ({size}x{size})" if size else "raw pixels"
+    lines += [
+        f"| seed | random-init encoder: linear % | kNN % | {pixels}: linear % | kNN % |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for b in found:
+        row = [str(b["seed"])] + [
+            "missing" if b[key][m] is None else f"{100 * b[key][m]:.2f}"
+            for key in ("random_init", "pixels")
+            for m in SENSITIVITY_METRICS
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    gains = results["baseline_gains"]
+    seeds = ", ".join(str(b["seed"]) for b in found)
+    lines += [
+        "",
+        "### Gain over the random-init encoder of the same seed (points)",
+        "",
+        f"Each run's accuracy minus its seed's random-init encoder's "
+        f"(seed{'s' * (len(found) > 1)} {seeds}): "
+        "mean ± SE over those runs, and the smallest (min).",
+        "",
+        "| cell | linear probe | min | kNN | min |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, entry in gains["cells"].items():
+        row = [f"`{name}`"]
+        for m in SENSITIVITY_METRICS:
+            g = entry[m]
+            if not g["n"]:
+                row += ["missing", "missing"]
+                continue
+            text = f"{100 * g['mean']:+.2f}"
+            if g["standard_error"] is not None:
+                text += f" ± {100 * g['standard_error']:.2f}"
+            if g["n"] != len(found):
+                text += f" ({g['n']}/{len(found)} seeds)"
+            row += [text, f"{100 * g['min']:+.2f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    low = gains["smallest"]
+    if low is not None:
+        lines += [
+            "",
+            f"Smallest gain of any run: {100 * low['gain']:+.2f} points "
+            f"({METRICS[low['metric']][1].split(' (')[0]}, `{low['cell']}`).",
+        ]
+    return lines + [""]
 
 
 def _cell_text(
@@ -324,6 +409,7 @@ def markdown(results: Mapping[str, Any]) -> str:
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
     lines += _se_comparison_lines(results) if se else _comparison_lines(results)
+    lines += _baseline_lines(results)
     wall = results["wall_time"]
     lines += [
         "## Runs",

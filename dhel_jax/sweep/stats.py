@@ -181,3 +181,30 @@ def sensitivity(results: Mapping[str, Any]) -> dict[str, Any]:
             }
         pairs.append(item)
     return {"losses": per_loss, "comparisons": pairs}
+
+
+def baseline_gains(results: Mapping[str, Any]) -> dict[str, Any]:
+    """Per cell and metric (:data:`SENSITIVITY_METRICS`): what each finished run gains over the
+    random-init encoder of its own seed (``results["baselines"]``, one entry per seed whose
+    baselines were scored), as ``summary`` of the per-seed gains plus ``min``, the smallest.
+
+    The random-init encoder is the run's architecture initialised from the run's seed, so a
+    seed's baseline serves every cell of that seed; runs of seeds without one are left out
+    (``n`` counts the runs used). ``smallest`` names the cell and metric of the overall
+    smallest gain (None when there is none)."""
+    base = {b["seed"]: b["random_init"] for b in results.get("baselines") or ()}
+    cells: dict[str, Any] = {}
+    smallest = None
+    for cell in results["cells"]:
+        entry = {}
+        for metric in SENSITIVITY_METRICS:
+            gains = [
+                r[metric] - base[r["seed"]][metric]
+                for r in cell["runs"]
+                if r["status"] == "done" and r["seed"] in base and r.get(metric) is not None
+            ]
+            entry[metric] = {**summary(gains), "min": min(gains) if gains else None}
+            if gains and (smallest is None or min(gains) < smallest["gain"]):
+                smallest = {"cell": cell["name"], "metric": metric, "gain": min(gains)}
+        cells[cell["name"]] = entry
+    return {"cells": cells, "smallest": smallest}
