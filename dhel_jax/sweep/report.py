@@ -33,6 +33,7 @@ from dhel_jax.sweep.runner import (
     run_state,
 )
 from dhel_jax.sweep.stats import (
+    BASELINE_METRICS,
     ERROR_BARS,
     RESOLVED_SE,
     SENSITIVITY_METRICS,
@@ -211,7 +212,7 @@ def _seed_baselines(label: str, seed: int, evaluated: Mapping[str, Any]) -> dict
     found = evaluated["baselines"]
     entry: dict[str, Any] = {"seed": seed, "run": label}
     for key in ("random_init", "pixels"):
-        entry[key] = {m: _get(found[key], METRICS[m][0]) for m in SENSITIVITY_METRICS}
+        entry[key] = {m: _get(found[key], METRICS[m][0]) for m in BASELINE_METRICS}
     entry["pixels"]["image_size"] = found["pixels"].get("image_size")
     return entry
 
@@ -243,7 +244,7 @@ def _baseline_lines(results: Mapping[str, Any]) -> list[str]:
         row = [str(b["seed"])] + [
             "missing" if b[key][m] is None else f"{100 * b[key][m]:.2f}"
             for key in ("random_init", "pixels")
-            for m in SENSITIVITY_METRICS
+            for m in BASELINE_METRICS
         ]
         lines.append("| " + " | ".join(row) + " |")
     gains = results["baseline_gains"]
@@ -261,14 +262,13 @@ def _baseline_lines(results: Mapping[str, Any]) -> list[str]:
     ]
     for name, entry in gains["cells"].items():
         row = [f"`{name}`"]
-        for m in SENSITIVITY_METRICS:
+        for m in BASELINE_METRICS:
             g = entry[m]
             if not g["n"]:
                 row += ["missing", "missing"]
                 continue
-            text = f"{100 * g['mean']:+.2f}"
-            if g["standard_error"] is not None:
-                text += f" ± {100 * g['standard_error']:.2f}"
+            gain = {"difference": g["mean"], "standard_error": g["standard_error"]}
+            text = _difference_text(gain, 100.0, 2, bold=False)
             if g["n"] != len(found):
                 text += f" ({g['n']}/{len(found)} seeds)"
             row += [text, f"{100 * g['min']:+.2f}"]

@@ -22,6 +22,8 @@ ERROR_BARS = {
 RESOLVED_SE = 2.0
 # The metrics of the sensitivity tables (the batch-size drop and the temperature range).
 SENSITIVITY_METRICS = ("linear_probe", "knn")
+# The metrics ``dhel-eval --baselines`` scores for each baseline (``eval.json["baselines"]``).
+BASELINE_METRICS = ("linear_probe", "knn")
 
 
 def summary(values: Sequence[float | None]) -> dict[str, Any]:
@@ -184,7 +186,7 @@ def sensitivity(results: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def baseline_gains(results: Mapping[str, Any]) -> dict[str, Any]:
-    """Per cell and metric (:data:`SENSITIVITY_METRICS`): what each finished run gains over the
+    """Per cell and metric (:data:`BASELINE_METRICS`): what each finished run gains over the
     random-init encoder of its own seed (``results["baselines"]``, one entry per seed whose
     baselines were scored), as ``summary`` of the per-seed gains plus ``min``, the smallest.
 
@@ -197,7 +199,7 @@ def baseline_gains(results: Mapping[str, Any]) -> dict[str, Any]:
     smallest = None
     for cell in results["cells"]:
         entry = {}
-        for metric in SENSITIVITY_METRICS:
+        for metric in BASELINE_METRICS:
             gains = [
                 r[metric] - base[r["seed"]][metric]
                 for r in cell["runs"]
