@@ -357,6 +357,56 @@ def test_cell_summary_has_the_standard_error_of_the_mean(values):
         assert got["standard_error"] == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize(
+    "intervals",
+    [
+        [],
+        [(3, 7)],
+        [(0, 5), (5, 9)],  # touching
+        [(0, 10), (2, 4), (3, 12)],  # nested and overlapping
+        [(20, 25), (0, 3), (1, 2), (10, 15), (14, 30)],  # unsorted
+    ],
+)
+def test_busy_seconds_is_the_length_of_the_union(intervals):
+    # Reference: count the unit cells [t, t + 1) that some interval covers.
+    covered = np.zeros(64, bool)
+    for start, end in intervals:
+        covered[start:end] = True
+    assert sweep.stats.busy_seconds(intervals) == covered.sum()
+
+
+def test_elapsed_time_counts_overlapping_runs_once(tmp_path):
+    """Two runners' attempts overlap: the report's elapsed time is their union, not their sum,
+    and the stamps' UTC offsets are honoured."""
+    s = sweep.load_sweep(_write_sweep(tmp_path / "configs"))
+    runs = sweep.make_runs(s, tmp_path / "runs")
+    attempts = {  # run -> (tool, started, seconds)
+        0: [("dhel-train", "2026-11-30T10:00:00+0000", 600.0)],  # 10:00-10:10 UTC
+        1: [
+            ("dhel-train", "2026-11-30T11:05:00+0100", 900.0),  # 10:05-10:20 UTC
+            ("dhel-eval", "2026-11-30T11:20:00+0100", 60.0),  # 10:20-10:21 UTC
+        ],
+        2: [("dhel-train", "2026-11-30T10:30:00+0000", 120.0)],  # 10:30-10:32 UTC
+    }
+    for i, found in attempts.items():
+        runs[i].workdir.mkdir(parents=True)
+        record = {
+            "cell": runs[i].cell.name,
+            "seed": runs[i].seed,
+            "attempts": [{"tool": t, "started": w, "seconds": x} for t, w, x in found],
+        }
+        (runs[i].workdir / sweep.RECORD_FILENAME).write_text(json.dumps(record))
+    wall = sweep.aggregate(s, tmp_path / "runs")["wall_time"]
+    assert wall["total_seconds"] == 600 + 900 + 60 + 120
+    assert wall["elapsed_seconds"] == 21 * 60 + 2 * 60
+    assert wall["first_started"] == "2026-11-30T10:00:00+0000"
+    assert wall["last_finished"] == "2026-11-30T10:32:00+0000"
+    table = sweep.markdown(sweep.aggregate(s, tmp_path / "runs"))
+    assert "Wall time of the runs: 28m00s" in table
+    assert "Elapsed with at least one run going: 23m00s" in table
+    assert "from 2026-11-30 10:00 UTC to 2026-11-30 10:32 UTC" in table
+
+
 # Three seeds per cell; KCL - SimCLR is resolved at B = 32 (0.09 against an SE of 0.013) but not
 # at B = 64 (0.017 against an SE of 0.0093).
 SE_VALUES = {
@@ -652,7 +702,15 @@ def test_aggregate_json_table_and_plots(invocations, tmp_path):
     se = (statistics.variance(xa) / 2 + statistics.variance(xb) / 2) ** 0.5
     assert diff["linear_probe"]["difference"] == pytest.approx(want, rel=1e-9, abs=1e-15)
     assert diff["linear_probe"]["standard_error"] == pytest.approx(se, rel=1e-9, abs=1e-15)
-    assert results["wall_time"]["train_seconds"] > 0 and results["wall_time"]["eval_seconds"] > 0
+    wall = results["wall_time"]
+    assert wall["train_seconds"] > 0 and wall["eval_seconds"] > 0
+    # One runner ran the attempts one after another, so the elapsed time is their sum, up to
+    # the 1 s resolution of each attempt's start stamp.
+    records = [json.loads(p.read_text()) for p in invocations.runs_dir.glob("*/*/*/sweep_run.json")]
+    num_attempts = sum(len(r["attempts"]) for r in records)
+    assert num_attempts == 9  # 4 runs x (train, eval), and the killed run's first train
+    assert abs(wall["elapsed_seconds"] - wall["total_seconds"]) <= num_attempts
+    assert wall["first_started"] < wall["last_finished"]
     assert results["hardware"] and results["devices"]
 
     paths = sweep.write_results(results, tmp_path)

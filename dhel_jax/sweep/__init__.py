@@ -51,7 +51,9 @@ on a non-finite loss is not retried (``--retry_failed`` does) and is reported as
 
 Aggregation (:func:`aggregate`, also on partial results, marking missing runs) reads every
 ``eval.json`` and writes ``<results_dir>/NAME.json`` (every run's numbers, per-cell mean,
-sample standard deviation and standard error over seeds, wall times, hardware), ``NAME.md``
+sample standard deviation and standard error over seeds, wall times: the sum over runs and
+the elapsed time with at least one run going, which counts the runs of two sweeps sharing the
+runs directory once, hardware), ``NAME.md``
 (tables: rows are losses, columns batch sizes or temperatures; linear-probe and kNN accuracy,
 effective rank of the features and of the projections, and with ``"se"`` the W1 uniformity of
 the projections; the ``comparisons`` as differences ± standard error, seeds treated as

@@ -36,6 +36,8 @@ EVAL_FILENAME = "eval.json"  # dhel_jax.evaluate.EVAL_FILENAME (not imported: it
 CONFIG_FILENAME = "config.json"  # dhel_jax.checkpointing.CONFIG_FILENAME.
 LOG_FILENAME = "log.txt"
 RECORD_FILENAME = "sweep_run.json"
+# How sweep_run.json stamps when an attempt started (local time with its UTC offset).
+STARTED_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 LOCK_FILENAME = ".sweep.lock"
 TOOLS = {"dhel-train": "train_main", "dhel-eval": "eval_main"}
 PARENT_ENV = "DHEL_SWEEP_PID"
@@ -246,7 +248,7 @@ def _launch(
     attempt = {
         "tool": tool,
         "command": command,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
+        "started": time.strftime(STARTED_FORMAT, time.localtime(start)),
         "seconds": round(time.time() - start, 1),
         "returncode": rc,
         "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],
