@@ -344,6 +344,18 @@ def test_differences_robustness_and_tables_of_both_views(tmp_path):
     assert all(Path(p).read_bytes()[:8] == PNG_SIGNATURE for p in paths.values())
 
 
+def test_plot_titles_say_when_the_results_are_partial(tmp_path, monkeypatch):
+    titles = []
+    monkeypatch.setattr(
+        sweep.report, "_save_png", lambda fig, path: titles.append(fig._suptitle.get_text())
+    )
+    results = _synthetic_results(SE_VALUES, "se")  # 3 seeds
+    for complete, want in ((True, "mean ± SE over 3 seeds)"), (False, "of 3; partial results)")):
+        titles.clear()
+        sweep.plot_results({**results, "complete": complete}, tmp_path)
+        assert len(titles) == 4 and all(t.endswith(want) for t in titles), titles
+
+
 @pytest.mark.parametrize("values", [[0.8], [0.7, 0.74], [0.61, 0.64, 0.66], [1.0, 2.0, 4.0, 8.0]])
 def test_cell_summary_has_the_standard_error_of_the_mean(values):
     got = sweep.stats.summary([*values, None])  # None: a run that did not finish

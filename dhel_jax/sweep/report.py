@@ -598,6 +598,8 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
     colours = {loss: f"C{i}" for i, loss in enumerate(results["losses"])}
     spread, short, _ = ERROR_BARS[error_bars(results)]
     note = f"mean ± {short} over {seeds} seed{'s' * (seeds > 1)}"
+    if not results["complete"]:  # a cell may have fewer: the tables say how many
+        note = f"mean ± {short} over the seeds finished, of {seeds}; partial results"
 
     batch_view = results["views"]["batch_size"]
 
