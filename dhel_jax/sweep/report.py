@@ -649,6 +649,7 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
         ax.set_xscale("log")
         values = sorted({v for loss in group for v in results["losses"][loss]["temperatures"]})
         ax.set_xticks(values, [_num(v) for v in values])
+        ax.set_xticks([], minor=True)  # no log-scale minor labels (3x10^-1) between them
         ax.set_xlabel(f"temperature {tname}")
         ax.set_ylabel("accuracy (%)")
         ax.grid(True, alpha=0.3)
