@@ -384,7 +384,7 @@ def test_busy_seconds_is_the_length_of_the_union(intervals):
     covered = np.zeros(64, bool)
     for start, end in intervals:
         covered[start:end] = True
-    assert sweep.stats.busy_seconds(intervals) == covered.sum()
+    assert sweep.report.busy_seconds(intervals) == covered.sum()
 
 
 def test_elapsed_time_counts_overlapping_runs_once(tmp_path):
@@ -408,12 +408,13 @@ def test_elapsed_time_counts_overlapping_runs_once(tmp_path):
             "attempts": [{"tool": t, "started": w, "seconds": x} for t, w, x in found],
         }
         (runs[i].workdir / sweep.RECORD_FILENAME).write_text(json.dumps(record))
-    wall = sweep.aggregate(s, tmp_path / "runs")["wall_time"]
+    results = sweep.aggregate(s, tmp_path / "runs")
+    wall = results["wall_time"]
     assert wall["total_seconds"] == 600 + 900 + 60 + 120
     assert wall["elapsed_seconds"] == 21 * 60 + 2 * 60
     assert wall["first_started"] == "2026-11-30T10:00:00+0000"
     assert wall["last_finished"] == "2026-11-30T10:32:00+0000"
-    table = sweep.markdown(sweep.aggregate(s, tmp_path / "runs"))
+    table = sweep.markdown(results)
     assert "Wall time of the runs: 28m00s" in table
     assert "Elapsed with at least one run going: 23m00s" in table
     assert "from 2026-11-30 10:00 UTC to 2026-11-30 10:32 UTC" in table

@@ -51,21 +51,20 @@ on a non-finite loss is not retried (``--retry_failed`` does) and is reported as
 
 Aggregation (:func:`aggregate`, also on partial results, marking missing runs) reads every
 ``eval.json`` and writes ``<results_dir>/NAME.json`` (every run's numbers, per-cell mean,
-sample standard deviation and standard error over seeds, wall times: the sum over runs and
-the elapsed time with at least one run going, which counts the runs of two sweeps sharing the
-runs directory once, hardware), ``NAME.md``
-(tables: rows are losses, columns batch sizes or temperatures; linear-probe and kNN accuracy,
-effective rank of the features and of the projections, and with ``"se"`` the W1 uniformity of
-the projections; the ``comparisons`` as differences ± standard error, seeds treated as
-independent samples, in bold where resolved, i.e. beyond 2 standard errors; the range of each
-loss's accuracy over batch sizes and temperatures, and with ``"se"`` its drop from the largest
-to the smallest batch size and its range over temperatures with standard errors, and the
-comparisons' differences of those, :func:`~dhel_jax.sweep.stats.sensitivity`; with
-baselines, each seed's random-init and pixel baselines and every cell's gain over its seed's
-random-init encoder, :func:`~dhel_jax.sweep.stats.baseline_gains`) and four plots:
-``NAME_batch_size.png`` (accuracy against log B), ``NAME_temperature.png``,
-``NAME_effective_rank.png`` and ``NAME_geometry.png`` (effective rank and W1 uniformity of the
-projections against log B).
+sample standard deviation and standard error over seeds, wall times: the sum over runs and the
+elapsed time with at least one run going, which counts the runs of two sweeps sharing the runs
+directory once, hardware), ``NAME.md`` (tables: rows are losses, columns batch sizes or
+temperatures; linear-probe and kNN accuracy, effective rank of the features and of the
+projections, and with ``"se"`` the W1 uniformity of the projections; the ``comparisons`` as
+differences ± standard error, seeds treated as independent samples, in bold where resolved,
+i.e. beyond 2 standard errors; the range of each loss's accuracy over batch sizes and
+temperatures, and with ``"se"`` its drop from the largest to the smallest batch size and its
+range over temperatures with standard errors, and the comparisons' differences of those,
+:func:`~dhel_jax.sweep.stats.sensitivity`; with baselines, each seed's random-init and pixel
+baselines and every cell's gain over its seed's random-init encoder,
+:func:`~dhel_jax.sweep.stats.baseline_gains`) and four plots: ``NAME_batch_size.png``
+(accuracy against log B), ``NAME_temperature.png``, ``NAME_effective_rank.png`` and
+``NAME_geometry.png`` (effective rank and W1 uniformity of the projections against log B).
 
 The sweep process never starts an accelerator backend (it runs JAX on the CPU only, to count
 steps), so its subprocesses get the whole TPU or GPU. It drives one host; multi-host pods are

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,7 +41,6 @@ from dhel_jax.sweep.stats import (
     RESOLVED_SE,
     SENSITIVITY_METRICS,
     baseline_gains,
-    busy_seconds,
     differences,
     error_bars,
     robustness,
@@ -227,6 +227,17 @@ def _elapsed(intervals: Sequence[tuple[float, float]]) -> dict[str, Any]:
         "first_started": _stamp(min(starts)),
         "last_finished": _stamp(max(ends)),
     }
+
+
+def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:
+    """Length of the union of the ``(start, end)`` intervals: the time during which at least
+    one of them was running, overlapping intervals counted once."""
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def _stamp(seconds: float) -> str:

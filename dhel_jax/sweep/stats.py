@@ -39,17 +39,6 @@ def summary(values: Sequence[float | None]) -> dict[str, Any]:
     }
 
 
-def busy_seconds(intervals: Sequence[tuple[float, float]]) -> float:
-    """Length of the union of the ``(start, end)`` intervals: the time during which at least
-    one of them was running, overlapping intervals counted once."""
-    total, reach = 0.0, -math.inf
-    for start, end in sorted(intervals):
-        if end > reach:
-            total += end - max(start, reach)
-            reach = end
-    return total
-
-
 def error_bars(results: Mapping[str, Any]) -> str:
     """``"se"`` or ``"sd"``: what the ± of the results' tables and plots is (results written
     before the option existed, like results/fmnist_cpu.json, are ``"sd"``)."""
