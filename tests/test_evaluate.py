@@ -280,9 +280,10 @@ def test_extract_features_pads_and_shards_like_one_plain_batch(run, eight_device
 @pytest.mark.slow
 def test_evaluation_host_memory_does_not_grow_with_the_number_of_images(tmp_path):
     """Extraction, one paper-probe epoch and kNN over a streamed synthetic split of N, then 2N
-    192x192x3 images (108 MiB per N): the peak RSS grows far less than the N added images; the
-    control that holds the 2N images in one array (as ``data.load_split`` did) peaks at least
-    3/4 of their size higher. tests/eval_memory_worker.py says how RSS is measured."""
+    192x192x3 images (108 MiB per N), three times each after a compiling warm-up: the median
+    peak RSS grows far less than the N added images; the control that holds the 2N images in
+    one array (as ``data.load_split`` did) peaks at least 3/4 of their size higher.
+    tests/eval_memory_worker.py says how RSS is measured and why medians."""
     out = tmp_path / "memory.json"
     # glibc serves allocations above its mmap threshold with mmap and unmaps them on free; the
     # threshold adapts upward to the freed sizes (up to 32 MiB), after which freed batches stay
@@ -295,8 +296,9 @@ def test_evaluation_host_memory_does_not_grow_with_the_number_of_images(tmp_path
     )
     got = json.loads(out.read_text())
     images = got["image_bytes_n"]
-    assert got["stream_2n"] - got["stream_n"] < 0.25 * images, got
-    assert got["materialise_2n"] - got["stream_2n"] > 0.75 * 2 * images, got
+    stream_n, stream_2n = np.median(got["stream_n"]), np.median(got["stream_2n"])
+    assert stream_2n - stream_n < 0.25 * images, got
+    assert min(got["materialise_2n"]) - stream_2n > 0.75 * 2 * images, got
 
 
 def test_extract_features_of_canvases_use_each_images_size(run):
