@@ -664,7 +664,7 @@ def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> 
         ax.set_xlabel(f"temperature {tname}")
         ax.set_ylabel("accuracy (%)")
         ax.grid(True, alpha=0.3)
-        _legend(ax, fontsize=8)
+        _legend(ax, fontsize=8, handlelength=4)  # long enough to show kNN's dashes
     fig.suptitle(
         f"{name}: accuracy vs temperature (batch {results['temperature_batch_size']}; {note})"
     )
