@@ -19,6 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dhel_jax import augment, grad_cache, losses, metrics, models, parallel, train
+from tests.kinks import assert_clear_of_kinks, float64_apply
 from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, fixed_batch, tiny_config
 
 MODEL = models.get_model("resnet_tiny", head_hidden_dim=16, head_out_dim=8)
@@ -68,9 +69,14 @@ def _chunk_indices(num_rows: int, num_shards: int, num_chunks: int) -> list[np.n
 
 def _ghost_bn_reference(params, batch_stats, views, loss_fn, num_shards, num_chunks):
     """(loss, projections, features, grads, running stats) of one differentiated pass with
-    BatchNorm per chunk; the running statistics are the mean of the chunks' updates."""
+    BatchNorm per chunk; the running statistics are the mean of the chunks' updates. Asserts
+    first that no chunk's network lies within round-off of a ReLU kink, where two float32
+    computations need not agree (tests/kinks.py)."""
     n = views.shape[0]
     chunks = _chunk_indices(n, num_shards, num_chunks)
+    apply64 = float64_apply(MODEL, train=True, mutable=["batch_stats"])
+    for idx in chunks:
+        assert_clear_of_kinks(apply64, {"params": params, "batch_stats": batch_stats}, views[idx])
 
     def objective(p):
         z = jnp.zeros((n, MODEL.head.out_dim))
@@ -229,8 +235,12 @@ def test_bad_chunk_and_geometry_settings_fail_clearly(changes, match):
 
 def _chunked_config():
     """tiny_config with k = 2 chunks, geometry every 2 steps and plain SGD at learning rate 1
-    (so that a step moves the parameters by minus the gradient); one epoch of 4 steps."""
+    (so that a step moves the parameters by minus the gradient); one epoch of 4 steps. Seed 2:
+    at seeds 0 and 1 a ReLU input of the second step's views lies within 1e-7 of zero, where
+    float32 round-off decides whether its gradient passes (the step and the reference took
+    different sides on AMD CPUs); at seed 2 every one is at least 1.6e-5 from it."""
     config = tiny_config()
+    config.seed = 2
     config.embedding_chunks = 2
     config.geometry_every_steps = 2
     config.num_epochs = 1
