@@ -18,9 +18,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from dhel_jax import augment, grad_cache, losses, metrics, models, parallel, train
-from tests.kinks import assert_clear_of_kinks, float64_apply
-from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, fixed_batch, tiny_config
+from dhel_jax import grad_cache, losses, metrics, models, parallel, train
+from tests.kinks import assert_clear_of_kinks, model_apply_pair
+from tests.train_worker import (
+    COMPILER_OPTIONS,
+    MOCK_EXAMPLES,
+    fixed_batch,
+    step_views,
+    tiny_config,
+)
 
 MODEL = models.get_model("resnet_tiny", head_hidden_dim=16, head_out_dim=8)
 VIEW = (8, 8, 1)
@@ -74,9 +80,9 @@ def _ghost_bn_reference(params, batch_stats, views, loss_fn, num_shards, num_chu
     computations need not agree (tests/kinks.py)."""
     n = views.shape[0]
     chunks = _chunk_indices(n, num_shards, num_chunks)
-    apply64 = float64_apply(MODEL, train=True, mutable=["batch_stats"])
+    apply = model_apply_pair(MODEL, train=True, mutable=["batch_stats"])
     for idx in chunks:
-        assert_clear_of_kinks(apply64, {"params": params, "batch_stats": batch_stats}, views[idx])
+        assert_clear_of_kinks(*apply, {"params": params, "batch_stats": batch_stats}, views[idx])
 
     def objective(p):
         z = jnp.zeros((n, MODEL.head.out_dim))
@@ -271,9 +277,7 @@ def test_train_step_with_chunks_on_8_devices_is_exact_and_measures_the_batch_geo
     assert np.isfinite(first["loss"])
 
     params, batch_stats = jax.device_get((state.params, state.batch_stats))
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    x1, x2 = augment.two_views(jnp.asarray(host["image"]), key, **train.augment_kwargs(config))
-    views = np.stack([x1, x2], axis=1).reshape((-1, *x1.shape[1:]))
+    views = step_views(state, host, config)
     lr = float(setup.learning_rate_fn(1))
     new_state, second = setup.train_step(state, batch)
 

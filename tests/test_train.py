@@ -306,6 +306,8 @@ def test_step_on_8_devices_equals_1_device(eight_devices):
         batch = train.global_batch(fixed_batch(), setup.batch_sharding)
         losses_ = []
         for _ in range(2):
+            if len(devices) == 1:
+                train_worker.assert_step_clear_of_kinks(setup, state, fixed_batch())
             state, metrics = setup.train_step(state, batch)
             losses_.append(float(metrics["loss"]))
         results.append((losses_, _leaves(state)))
@@ -605,6 +607,7 @@ def test_two_processes_train_like_one(tmp_path, eight_devices, compilation_cache
     state = setup.init()
     batch = train.global_batch(fixed_batch(), setup.batch_sharding)
     for _ in range(2):
+        train_worker.assert_step_clear_of_kinks(setup, state, fixed_batch())
         state, metrics = setup.train_step(state, batch)
     got = np.load(tmp_path / "state.npz")
     np.testing.assert_allclose(got["loss"], metrics["loss"], rtol=1e-5)
@@ -637,6 +640,14 @@ def test_cpu_xla_flags_keep_a_train_step_within_float32_round_off(tmp_path):
         results[name] = np.load(out)
     default, dhel = results["default"], results["dhel"]
     assert set(default.files) == set(dhel.files)
+    # The worker's two steps, in-process, to check that they stay clear of the ReLU kinks.
+    config = train_worker.step_config()
+    setup = train_worker.build_training(jax.devices()[:1], config)
+    state = setup.init()
+    for _ in range(2):
+        train_worker.assert_step_clear_of_kinks(setup, state, fixed_batch(), config)
+        state, _ = setup.train_step(state, train.global_batch(fixed_batch(), setup.batch_sharding))
+
     np.testing.assert_allclose(dhel["loss"], default["loss"], rtol=1e-5)
     for key in default.files:
         np.testing.assert_allclose(dhel[key], default[key], rtol=1e-5, atol=1e-5, err_msg=key)

@@ -11,7 +11,7 @@
     python train_worker.py cli ARG...
         Runs ``dhel-train ARG...`` (``dhel_jax.main.train_main``) on mocked data.
     python train_worker.py step OUT_NPZ
-        Two train steps of :func:`tiny_config` (16 filters) on one CPU device and the batch of
+        Two train steps of :func:`step_config` on one CPU device and the batch of
         :func:`fixed_batch`, under the XLA_FLAGS it is given; saves the loss and the state.
     python train_worker.py multiprocess PROCESS_ID PORT OUT_DIR
         One of 2 processes x 2 CPU devices (jax.distributed on localhost): two train steps of
@@ -50,6 +50,16 @@ def tiny_config():
     return config
 
 
+def step_config():
+    """The config of the ``step`` mode: :func:`tiny_config` with 16 filters, at seed 12. Its
+    two steps' ReLU inputs stay clear of zero (tests/kinks.py: at least 1.7 times the distance
+    required); at seeds 0-11 and 13 one of them comes closer, at seed 0 within 9.3e-7."""
+    config = tiny_config()
+    config.model.num_filters = 16
+    config.seed = 12
+    return config
+
+
 def build_training(devices, config=None):
     """``train.make_training`` of ``config`` (default :func:`tiny_config`) over ``devices``,
     for the 8 steps of a 64-example run."""
@@ -73,6 +83,41 @@ def fixed_batch(batch_size: int = 16):
         "image": rng.integers(0, 256, (batch_size, 28, 28, 1), dtype=np.uint8),
         "label": rng.integers(0, 10, batch_size).astype(np.int32),
     }
+
+
+def step_views(state, host_batch, config):
+    """The (2N, H, W, C) views that the train step of ``state`` draws from ``host_batch``:
+    ``augment.two_views`` keyed by ``fold_in(state.rng, state.step)``, pairs interleaved."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from dhel_jax import augment, train
+
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    x1, x2 = augment.two_views(
+        jnp.asarray(host_batch["image"]),
+        key,
+        sizes=host_batch.get("size"),
+        **train.augment_kwargs(config),
+    )
+    return np.stack([x1, x2], axis=1).reshape((-1, *x1.shape[1:]))
+
+
+def assert_step_clear_of_kinks(setup, state, host_batch, config=None):
+    """Asserts that the network of ``state`` meets the views of its next train step (BatchNorm
+    over the whole batch) away from its ReLU kinks (tests/kinks.py): the condition for two
+    float32 computations of that step to agree within round-off."""
+    import jax
+
+    from tests.kinks import assert_clear_of_kinks, model_apply_pair
+
+    params, batch_stats = jax.device_get((state.params, state.batch_stats))
+    assert_clear_of_kinks(
+        *model_apply_pair(setup.model, train=True, mutable=["batch_stats"]),
+        {"params": params, "batch_stats": batch_stats},
+        step_views(state, host_batch, config or tiny_config()),
+    )
 
 
 def _kill(workdir: str, step: int) -> None:
@@ -153,8 +198,7 @@ def _step(out: str) -> None:
 
     from dhel_jax import train
 
-    config = tiny_config()
-    config.model.num_filters = 16
+    config = step_config()
     counts = train.StepCounts(num_examples=64, steps_per_epoch=4, total_steps=8, warmup_steps=0)
     from dhel_jax import parallel
 
