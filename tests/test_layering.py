@@ -83,9 +83,10 @@ _CORE_ONLY = textwrap.dedent(
 )
 
 
-def test_losses_and_metrics_import_with_core_dependencies_only():
+def _run_fresh(code: str) -> str:
+    """Runs ``code`` in a fresh interpreter on the CPU; returns its stdout."""
     result = subprocess.run(
-        [sys.executable, "-c", _CORE_ONLY],
+        [sys.executable, "-c", code],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -93,7 +94,11 @@ def test_losses_and_metrics_import_with_core_dependencies_only():
         env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "core-only ok" in result.stdout
+    return result.stdout
+
+
+def test_losses_and_metrics_import_with_core_dependencies_only():
+    assert "core-only ok" in _run_fresh(_CORE_ONLY)
 
 
 # The data and run stack (configs, input pipeline, checkpoints, logging) is absent, as on an
@@ -146,16 +151,7 @@ _STEP_ONLY = textwrap.dedent(
 
 
 def test_the_step_imports_and_traces_without_the_data_and_run_stack():
-    result = subprocess.run(
-        [sys.executable, "-c", _STEP_ONLY],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "step-only ok" in result.stdout
+    assert "step-only ok" in _run_fresh(_STEP_ONLY)
 
 
 def test_tpu_detection_reads_the_pci_bus(tmp_path):
