@@ -20,18 +20,20 @@ the others still run):
 2. ``losses``: dense and tiled dhel and kcl forward + backward at M = 4096, 16384, 65536
    (d = 128): median time, XLA's planned memory, the device's peak memory
    (``memory_stats()``) and the achieved FLOP/s against the chip's peak.
-3. ``train_step``: the pretraining step of ResNet-18 (CIFAR stem) at batch 256 and 512, float32
-   and bfloat16: images/s, MFU from ``cost_analysis()`` FLOPs and :data:`PEAK_TFLOPS`, the host
-   input pipeline's rate, and the step fed through ``parallel.prefetch_to_device``.
+3. ``train_step``: ``dhel-train``'s own step (``dhel_jax.step``) of ResNet-18 (CIFAR stem) at
+   batch 256 and 512, float32 and bfloat16: images/s, MFU from ``cost_analysis()`` FLOPs and
+   :data:`PEAK_TFLOPS`, the host input pipeline's rate, and the step fed through
+   ``parallel.prefetch_to_device``; on a TPU also the compiler's own estimate of the step's
+   time beside the measured one (:func:`compiler_estimate`).
 4. ``learning``: Fashion-MNIST (the four IDX ``.gz`` files, no TFDS) pretraining of ResNet-18
    (CIFAR stem, 28x28 views, DHEL) within a fixed device-time budget, then the evaluation of
    ``dhel-eval --baselines`` with its CPU-default protocols (fast linear probe, kNN k = 200),
    for the trained encoder, its random initialisation and the raw pixels.
 
 Only jax, flax, optax, numpy and scipy are needed (what an accelerator host has); no
-TensorFlow, TFDS, grain or ml_collections. dm_pix (used by the on-device augmentation) is taken
-from ``benchmarks/vendor/`` when it is not installed. ``--tiny`` runs every section at small
-sizes on a CPU in under two minutes (tests/test_accelerator_check.py runs it).
+TensorFlow, TFDS, grain, ml_collections or orbax. dm_pix (used by the on-device augmentation)
+is taken from ``benchmarks/vendor/`` when it is not installed. ``--tiny`` runs every section at
+small sizes on a CPU in under two minutes (tests/test_accelerator_check.py runs it).
 """
 
 from __future__ import annotations
@@ -191,16 +193,49 @@ def _rel(ours: float, expected: float, floor: float = 1.0) -> float:
     return abs(float(ours) - expected) / max(abs(expected), floor)
 
 
-def _compiled_flops(compiled: Any) -> float | None:
-    """XLA's FLOP count of a compiled program (``None`` where the backend gives none)."""
+def _cost_analysis(compiled: Any) -> dict[str, Any]:
+    """XLA's cost analysis of a compiled program (``{}`` where the backend gives none)."""
     try:
         analysis = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
-        return None
-    if isinstance(analysis, (list, tuple)):
+        return {}
+    if isinstance(analysis, (list, tuple)):  # older JAX: one dict per program
         analysis = analysis[0] if analysis else None
-    flops = (analysis or {}).get("flops")
+    return dict(analysis or {})
+
+
+def _compiled_flops(compiled: Any) -> float | None:
+    """XLA's FLOP count of a compiled program (``None`` where the backend gives none)."""
+    flops = _cost_analysis(compiled).get("flops")
     return float(flops) if flops and flops > 0 else None
+
+
+def compiler_estimate(cost: dict[str, Any]) -> dict[str, Any]:
+    """The compiler's own estimate of one run of a program, from its ``cost_analysis()``.
+
+    Returns ``{"step_s": seconds or None, "flops": FLOPs or None, "reason": None or why there
+    is no estimate}``. ``optimal_seconds`` (the TPU cost model's time) counts only when it is
+    present, finite and positive: the TPU compiler has given negative values for whole train
+    steps (issue 27), which are not a time.
+    """
+    flops = cost.get("flops")
+    flops = float(flops) if flops is not None and math.isfinite(flops) and flops > 0 else None
+    seconds = cost.get("optimal_seconds")
+    if seconds is None:
+        reason = "the compiler's cost analysis gives no optimal_seconds"
+    elif not math.isfinite(seconds) or seconds <= 0:
+        reason = f"the compiler's cost analysis gives optimal_seconds = {seconds!r}, not a time"
+    else:
+        return {"step_s": float(seconds), "flops": flops, "reason": None}
+    return {"step_s": None, "flops": flops, "reason": reason}
+
+
+def estimate_line(measured_s: float, estimate: dict[str, Any]) -> str:
+    """``measured X ms/step vs compiler estimate Y ms/step`` (``null (why)`` without one)."""
+    measured = f"measured {measured_s * 1e3:.2f} ms/step vs compiler estimate"
+    if estimate["step_s"] is None:
+        return f"{measured} null ({estimate['reason']})"
+    return f"{measured} {estimate['step_s'] * 1e3:.2f} ms/step"
 
 
 def _planned_bytes(compiled: Any) -> int | None:
@@ -463,11 +498,11 @@ def section_losses(sizes: Sizes, device: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------
-def _host_rate(images: np.ndarray, batch: int, seconds: float = 1.0) -> float:
+def _host_rate(images: np.ndarray, labels: np.ndarray, batch: int, seconds: float = 1.0) -> float:
     """Images/s the host pipeline alone delivers."""
     import accelerator_pretrain as pretrain
 
-    it = pretrain.host_batches(images, batch, seed=1)
+    it = pretrain.host_batches(images, labels, batch, seed=1)
     count, t0 = 0, time.perf_counter()
     while count < 5 or time.perf_counter() - t0 < seconds:
         next(it)
@@ -476,51 +511,60 @@ def _host_rate(images: np.ndarray, batch: int, seconds: float = 1.0) -> float:
 
 
 class _Stepper:
-    """A compiled step and its (donated) state: ``run(images)`` advances one step."""
+    """A compiled step and its (donated) state: ``run(batch)`` advances one step."""
 
     def __init__(self, step: Any, state: Any):
         self.step, self.state = step, state
 
-    def run(self, images: Any) -> jax.Array:
-        self.state, loss = self.step(self.state, images)
-        return loss
+    def run(self, batch: Any) -> jax.Array:
+        self.state, metrics = self.step(self.state, batch)
+        return metrics["loss"]
 
 
 def measure_step(
-    sizes: Sizes, dtype: str, batch: int, pool: np.ndarray, mesh: Any, peak: float | None
+    sizes: Sizes,
+    dtype: str,
+    batch: int,
+    pool: tuple[np.ndarray, np.ndarray],
+    mesh: Any,
+    peak: float | None,
 ) -> dict[str, Any]:
-    """Compile time, FLOPs, images/s on a resident batch and fed by the host pipeline."""
+    """Compile time, FLOPs, images/s on a resident batch and fed by the host pipeline; on a
+    TPU, the compiler's estimate of the step's time beside the measured one."""
     import accelerator_pretrain as pretrain
 
     from dhel_jax import parallel
 
+    images, labels = pool
     setup = pretrain.make_setup(
         sizes.model,
         dtype,
         batch_size=batch,
         total_steps=1000,
-        channels=pool.shape[-1],
-        view_size=pool.shape[1],
+        channels=images.shape[-1],
+        view_size=images.shape[1],
         view_kwargs={"mean": (0.5,) * 3, "std": (0.25,) * 3},
     )
-    state = jax.device_put(pretrain.init_state(setup, 0), parallel.replicated(mesh))
-    fixed = jax.device_put(pool[:batch], parallel.batch_sharding(mesh))
+    state = pretrain.init_state(setup, 0, mesh, sizes.compiler_options)
+    shard = parallel.batch_sharding(mesh)
+    fixed = jax.device_put({"image": images[:batch], "label": labels[:batch]}, shard)
     t0 = time.perf_counter()
     stepper = _Stepper(
         pretrain.compile_step(setup, mesh, state, fixed, sizes.compiler_options), state
     )
     row: dict[str, Any] = {"compile_s": time.perf_counter() - t0}
+    cost = _cost_analysis(stepper.step)
     row["flops_per_step"] = _compiled_flops(stepper.step)
     seconds = _time_steps(functools.partial(stepper.run, fixed), sizes.step_steps)
     feed = parallel.prefetch_to_device(
-        pretrain.host_batches(pool, batch, seed=0), parallel.batch_sharding(mesh), size=2
+        pretrain.host_batches(images, labels, batch, seed=0), shard, size=2
     )
-    fed_seconds = _time_steps(lambda: stepper.run(next(feed)["image"]), sizes.step_steps)
+    fed_seconds = _time_steps(lambda: stepper.run(next(feed)), sizes.step_steps)
     row.update(
         step_s=seconds,
         images_per_s=batch / seconds,
         views_per_s=2 * batch / seconds,
-        host_images_per_s=_host_rate(pool, batch),
+        host_images_per_s=_host_rate(images, labels, batch),
         fed_images_per_s=batch / fed_seconds,
         loss_finite=bool(np.isfinite(float(stepper.run(fixed)))),
     )
@@ -528,6 +572,10 @@ def measure_step(
     if row["flops_per_step"]:
         row["tflops_per_s"] = row["flops_per_step"] / seconds / 1e12
         row["mfu"] = None if peak is None else row["flops_per_step"] / seconds / peak
+    if mesh.devices.flat[0].platform == "tpu":
+        row["compiler_estimate"] = compiler_estimate(cost)
+        row["compiler_estimate"]["line"] = estimate_line(seconds, row["compiler_estimate"])
+        print(f"train_step {dtype} batch {batch}: {row['compiler_estimate']['line']}", flush=True)
     return row
 
 
@@ -537,8 +585,10 @@ def section_train_step(sizes: Sizes, device: dict[str, Any]) -> dict[str, Any]:
 
     mesh = parallel.data_mesh(jax.local_devices())
     side = sizes.step_image
-    pool = np.random.default_rng(0).integers(
-        0, 256, (sizes.host_examples, side, side, 3), dtype=np.uint8
+    rng = np.random.default_rng(0)
+    pool = (
+        rng.integers(0, 256, (sizes.host_examples, side, side, 3), dtype=np.uint8),
+        rng.integers(0, 10, (sizes.host_examples,), dtype=np.int32),
     )
     rows = []
     for dtype in sizes.step_dtypes:
@@ -553,6 +603,8 @@ def section_train_step(sizes: Sizes, device: dict[str, Any]) -> dict[str, Any]:
             rows.append(row)
     return {
         "rows": rows,
+        "step": "dhel_jax.step.make_train_step, as dhel-train runs it: online probe on, "
+        "geometry off (geometry_every_steps = 0)",
         "prefetch": {
             "dhel-train": "no: train_and_evaluate reads and transfers batch k + 1 after "
             "dispatching step k (only asynchronous dispatch overlaps them)",
@@ -617,31 +669,35 @@ def section_learning(
         view_size=28,
         view_kwargs=view_kwargs,
     )
-    state = jax.device_put(pretrain.init_state(setup, 0), parallel.replicated(mesh))
+    state = pretrain.init_state(setup, 0, mesh, sizes.compiler_options)
     feed = parallel.prefetch_to_device(
-        pretrain.host_batches(train_x, batch, seed=0), parallel.batch_sharding(mesh), size=2
+        pretrain.host_batches(train_x, train_y, batch, seed=0),
+        parallel.batch_sharding(mesh),
+        size=2,
     )
-    first = next(feed)["image"]
+    first = next(feed)
     t0 = time.perf_counter()
     step = pretrain.compile_step(setup, mesh, state, first, sizes.compiler_options)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     losses_seen: list[float] = []
-    done, images = 0, first
+    online_probe: list[float] = []
+    done, current = 0, first
     while done < steps:
-        state, loss = step(state, images)
+        state, metrics = step(state, current)
         done += 1
         if done % 100 == 0 or done == steps:
-            losses_seen.append(float(loss))
+            losses_seen.append(float(metrics["loss"]))
+            online_probe.append(float(metrics["probe_accuracy"]))
             if time.perf_counter() - t0 > budget_s:
                 break
-        images = next(feed)["image"]
+        current = next(feed)
     jax.block_until_ready(state)
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     model = setup.model
-    trained = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    trained = {"params": state.params, "batch_stats": state.batch_stats}
     results: dict[str, Any] = {}
     encoders = {"pretrained": trained}
     encoders["random_init"], _ = baselines.random_init_variables(
@@ -686,6 +742,7 @@ def section_learning(
             "train_s": train_s,
             "eval_s": eval_s,
             "loss_every_100_steps": losses_seen,
+            "online_probe_accuracy_every_100_steps": online_probe,
         },
         "protocols": "dhel-eval defaults: fast linear probe (probes.fit_linear_probe defaults, "
         "seed 0) and kNN (k 200, temperature 0.1) on encoder features; baselines as "
@@ -707,7 +764,14 @@ def _meta(args: argparse.Namespace) -> dict[str, Any]:
         "load_avg_start": list(os.getloadavg()),
         "missing_modules": [
             m
-            for m in ("tensorflow", "tensorflow_datasets", "grain", "ml_collections", "dm_pix")
+            for m in (
+                "tensorflow",
+                "tensorflow_datasets",
+                "grain",
+                "ml_collections",
+                "orbax",
+                "dm_pix",
+            )
             if not importable(m)
         ],
         "dm_pix_origin": importlib.util.find_spec("dm_pix").origin

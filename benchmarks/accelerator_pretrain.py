@@ -1,13 +1,13 @@
-"""The pretraining step, input pipeline and evaluation of benchmarks/accelerator_check.py.
+"""The pretraining setup, input pipeline and evaluation of benchmarks/accelerator_check.py.
 
-Built from dhel_jax's pure modules (``models``, ``augment``, ``losses``, ``optimizers``,
-``parallel``, ``probes``, ``baselines``) with no config objects, TFDS or grain, so that they run
-on an accelerator host that has only jax, flax, optax, numpy and scipy:
+Built from dhel_jax's config-free modules (``step``, ``models``, ``augment``, ``losses``,
+``optimizers``, ``parallel``, ``probes``, ``baselines``) with no config objects, TFDS or grain,
+so that they run on an accelerator host that has only jax, flax, optax, numpy and scipy:
 
-* :func:`make_setup`, :func:`init_state`, :func:`contrastive_step`, :func:`compile_step`: the
-  pretraining step of ``dhel_jax.train.train_step`` (two on-device views, encoder + head,
-  DHEL, optimiser update) minus its online probe;
-* :func:`host_batches`: shuffled uint8 batches from an in-memory array;
+* :func:`make_setup`, :func:`init_state`, :func:`compile_step`: ``dhel-train``'s own step
+  (``dhel_jax.step.train_step``: two on-device views, encoder + head, DHEL, optimiser update,
+  online linear probe) with configs/cifar10.py's choices, compiled for a mesh;
+* :func:`host_batches`: shuffled uint8 batches (and labels) from an in-memory array;
 * :func:`read_idx`, :func:`load_fashion_mnist`: Fashion-MNIST from its four IDX ``.gz`` files;
 * :func:`extract`, :func:`probe_scores`: frozen features and dhel-eval's default probes.
 """
@@ -37,11 +37,16 @@ IDX_FILES = {
 
 @dataclasses.dataclass(frozen=True)
 class StepSetup:
+    """The keyword arguments of ``dhel_jax.step.train_step``, and the shapes of its state."""
+
     model: Any
     tx: Any
+    probe_tx: Any
     loss_fn: Callable[..., Any]
+    learning_rate_fn: Callable[[Any], Any]
     view_kwargs: dict[str, Any]
     view_shape: tuple[int, int, int]
+    num_classes: int
 
 
 def make_setup(
@@ -53,9 +58,11 @@ def make_setup(
     channels: int,
     view_size: int,
     view_kwargs: dict[str, Any],
+    num_classes: int = 10,
 ) -> StepSetup:
-    """ResNet (CIFAR stem, 512-512-128 head), LARS at SimCLR's CIFAR rate, DHEL (tau = 0.3):
-    configs/cifar10.py's choices, built without ml_collections."""
+    """ResNet (CIFAR stem, 512-512-128 head), LARS at SimCLR's CIFAR rate with 10% warm-up,
+    DHEL (tau = 0.3), the online probe (AdamW, lr 1e-3): configs/cifar10.py's choices, built
+    without ml_collections."""
     from dhel_jax import losses, models, optimizers
 
     model = models.get_model(model_name, stem="cifar", dtype=dtype)
@@ -66,86 +73,67 @@ def make_setup(
         warmup_steps=max(1, total_steps // 10),
     )
     tx = optimizers.make_optimizer("lars", learning_rate=schedule, weight_decay=1e-6)
-    kwargs = dict(view_kwargs, out_size=view_size)
-    return StepSetup(model, tx, losses.get_loss("dhel"), kwargs, (view_size, view_size, channels))
-
-
-def init_state(setup: StepSetup, seed: int) -> dict[str, Any]:
-    """Parameters from the first half of ``split(key(seed))``, as ``dhel-train`` draws them."""
-    from dhel_jax import models
-
-    init_key, run_key = jax.random.split(jax.random.key(seed))
-    variables = models.init_variables(setup.model, init_key, setup.view_shape)
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "params": variables["params"],
-        "batch_stats": variables["batch_stats"],
-        "opt_state": setup.tx.init(variables["params"]),
-        "rng": jax.random.key_data(run_key),
-    }
-
-
-def contrastive_step(
-    state: dict[str, Any], images: jax.Array, *, setup: StepSetup, sharding: Any = None
-) -> tuple[dict[str, Any], jax.Array]:
-    """Two on-device views, encoder + head on the 2B interleaved views, DHEL, LARS update.
-
-    ``sharding`` (the batch's) keeps each image's two views on its device, as in
-    ``dhel_jax.train.train_step``."""
-    import optax
-
-    from dhel_jax import augment
-
-    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    x1, x2 = augment.two_views(images, key, **setup.view_kwargs)
-    b = images.shape[0]
-    views = jnp.stack([x1, x2], axis=1).reshape((2 * b, *x1.shape[1:]))
-    if sharding is not None:
-        views = jax.lax.with_sharding_constraint(views, sharding)
-
-    def objective(params):
-        variables = {"params": params, "batch_stats": state["batch_stats"]}
-        out, mutated = setup.model.apply(variables, views, train=True, mutable=["batch_stats"])
-        z = out["projections"].reshape((b, 2, -1))
-        return setup.loss_fn(z[:, 0], z[:, 1]), mutated["batch_stats"]
-
-    (loss, batch_stats), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-    updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "batch_stats": batch_stats,
-        "opt_state": opt_state,
-        "rng": state["rng"],
-    }
-    return new_state, loss
-
-
-def compile_step(setup: StepSetup, mesh: Any, state: Any, images: Any, options: Any) -> Any:
-    from dhel_jax import parallel
-
-    replicated, shard = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    return (
-        jax.jit(
-            functools.partial(contrastive_step, setup=setup, sharding=shard),
-            in_shardings=(replicated, shard),
-            out_shardings=(replicated, replicated),
-            donate_argnums=0,
-            compiler_options=options,
-        )
-        .lower(state, images)
-        .compile()
+    probe_tx = optimizers.make_optimizer("adamw", learning_rate=1e-3, weight_decay=0.0)
+    return StepSetup(
+        model=model,
+        tx=tx,
+        probe_tx=probe_tx,
+        loss_fn=losses.get_loss("dhel"),
+        learning_rate_fn=schedule,
+        view_kwargs=dict(view_kwargs, out_size=view_size),
+        view_shape=(view_size, view_size, channels),
+        num_classes=num_classes,
     )
 
 
-def host_batches(images: np.ndarray, batch: int, seed: int) -> Iterator[dict[str, np.ndarray]]:
-    """Endless shuffled epochs of ``{"image": uint8 (batch, H, W, C)}`` (the last partial
-    batch of each epoch dropped): the host side of this check's input pipeline."""
+def init_state(setup: StepSetup, seed: int, mesh: Any, options: Any = None) -> Any:
+    """``dhel_jax.step.create_train_state`` from ``key(seed)``, as ``dhel-train`` draws it,
+    replicated on ``mesh`` (built under ``jit``: eager initialisation is much slower)."""
+    from dhel_jax import parallel, step
+
+    def init():
+        return step.create_train_state(
+            jax.random.key(seed),
+            model=setup.model,
+            tx=setup.tx,
+            probe_tx=setup.probe_tx,
+            image_shape=setup.view_shape,
+            num_classes=setup.num_classes,
+        )
+
+    return jax.jit(init, out_shardings=parallel.replicated(mesh), compiler_options=options)()
+
+
+def compile_step(setup: StepSetup, mesh: Any, state: Any, batch: Any, options: Any) -> Any:
+    """``dhel_jax.step.make_train_step`` over ``mesh``, compiled for ``state`` and ``batch``
+    (``{"image", "label"}``): ``(state, batch) -> (state, metrics)``, the state donated."""
+    from dhel_jax import step
+
+    jitted = step.make_train_step(
+        mesh,
+        model=setup.model,
+        tx=setup.tx,
+        loss_fn=setup.loss_fn,
+        learning_rate_fn=setup.learning_rate_fn,
+        view_kwargs=setup.view_kwargs,
+        probe_tx=setup.probe_tx,
+        compiler_options=options,
+    )
+    return jitted.lower(state, batch).compile()
+
+
+def host_batches(
+    images: np.ndarray, labels: np.ndarray, batch: int, seed: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Endless shuffled epochs of ``{"image": uint8 (batch, H, W, C), "label": int32 (batch,)}``
+    (the last partial batch of each epoch dropped): the host side of this check's input
+    pipeline."""
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(images))
         for start in range(0, len(order) - batch + 1, batch):
-            yield {"image": images[np.sort(order[start : start + batch])]}
+            index = np.sort(order[start : start + batch])
+            yield {"image": images[index], "label": labels[index]}
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -115,6 +115,13 @@ def markdown(report: dict[str, Any], sections_order: tuple[str, ...]) -> str:
                 f"Prefetch: dhel-train {sec['prefetch']['dhel-train']}; this check "
                 f"{sec['prefetch']['this check']}.",
             ]
+            estimates = [r for r in sec["rows"] if "compiler_estimate" in r]
+            if estimates:
+                lines += ["", "The compiler's estimate (its cost model, not a measurement):", ""]
+                lines += [
+                    f"* {r['dtype']}, batch {r['batch']}: {r['compiler_estimate']['line']}"
+                    for r in estimates
+                ]
         elif name == "learning":
             run = sec["run"]
             lines.append(

@@ -3,7 +3,7 @@
 A run's checkpoints live in ``<workdir>/checkpoints/<step>/`` (an Orbax ``CheckpointManager``),
 each holding three items:
 
-* ``state``: the whole :class:`dhel_jax.train.TrainState` (``StandardSave``): parameters,
+* ``state``: the whole :class:`dhel_jax.step.TrainState` (``StandardSave``): parameters,
   BatchNorm statistics, optimiser states, step and PRNG key;
 * ``data``: the grain iterator state of every process (``grain.checkpoint.CheckpointSave``:
   one ``process_<p>-of-<P>.json`` each), so a resumed run reads exactly the next batch;

@@ -1,10 +1,10 @@
 """benchmarks/accelerator_check.py: the ``--tiny`` run on CPU, as-is and as on an accelerator host.
 
 The accelerator host has jax, flax, optax, numpy and scipy but no TensorFlow, TFDS, grain,
-ml_collections or dm_pix: the second run refuses those imports (dm_pix may then come only from
-the wheel in benchmarks/vendor/). Both runs share a persistent compilation cache, so the second
-one mostly re-uses the first one's programs. Also: the peak-FLOP/s table and
-``parallel.prefetch_to_device``.
+ml_collections, orbax or dm_pix: the second run refuses those imports (dm_pix may then come only
+from the wheel in benchmarks/vendor/). Both runs share a persistent compilation cache, so the
+second one mostly re-uses the first one's programs. Also: the peak-FLOP/s table, the compiler's
+step-time estimate and ``parallel.prefetch_to_device``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dhel_jax import parallel
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "accelerator_check.py"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-BLOCKED = ("tensorflow", "tensorflow_datasets", "grain", "ml_collections", "array_record")
+BLOCKED = ("tensorflow", "tensorflow_datasets", "grain", "ml_collections", "orbax", "array_record")
 
 # Runs SCRIPT with the host's missing modules refused; dm_pix only from a vendored wheel.
 HOST_LIKE = """
@@ -102,8 +102,10 @@ def _check_report(report: dict, *, with_data: bool) -> None:
     for r in rows:
         assert r["status"] == "ok" and r["median_s"] > 0 and r["flops"] > 0
         assert math.isclose(r["tflops_per_s"], r["flops"] / r["median_s"] / 1e12)
-    # Train step: a finite loss, rates, and XLA's FLOP count.
+    # Train step (dhel_jax.step's): a finite loss, rates, and XLA's FLOP count; the compiler's
+    # time estimate is a TPU's only.
     (step,) = sections["train_step"]["rows"]
+    assert "compiler_estimate" not in step
     assert step["loss_finite"] and step["flops_per_step"] > 0
     assert step["images_per_s"] > 0 and step["host_images_per_s"] > 0
     assert step["fed_images_per_s"] > 0
@@ -118,6 +120,8 @@ def _check_report(report: dict, *, with_data: bool) -> None:
     for r in scores.values():
         assert 0.1 < r["linear"] <= 1.0 and 0.1 < r["knn"] <= 1.0  # above chance (10 classes)
     assert learning["run"]["steps_done"] == learning["run"]["steps_planned"]
+    # The real step's online probe ran on the labels.
+    assert all(0.0 <= a <= 1.0 for a in learning["run"]["online_probe_accuracy_every_100_steps"])
 
 
 @pytest.mark.slow
@@ -170,6 +174,61 @@ def test_peak_flops_table():
     assert peak is None and "unknown device kind 'cpu'" in why
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
         check.peak_flops("NVIDIA H200", "fp8")
+
+
+def test_compiler_estimate_is_a_positive_time_or_null_with_the_reason():
+    sys.path.insert(0, str(SCRIPT.parent))
+    import accelerator_check as check
+    import accelerator_report
+
+    good = check.compiler_estimate({"flops": 2.5e12, "optimal_seconds": 0.0117})
+    assert good == {"step_s": 0.0117, "flops": 2.5e12, "reason": None}
+    line = check.estimate_line(0.0125, good)
+    assert line == "measured 12.50 ms/step vs compiler estimate 11.70 ms/step"
+    # The TPU cost model's negative times (issue 27) and a backend without one are no estimate.
+    negative = check.compiler_estimate({"flops": 2.5e12, "optimal_seconds": -3.9883})
+    assert negative["step_s"] is None and negative["flops"] == 2.5e12
+    assert "optimal_seconds = -3.9883, not a time" in negative["reason"]
+    assert check.estimate_line(0.0125, negative) == (
+        "measured 12.50 ms/step vs compiler estimate null (the compiler's cost analysis gives "
+        "optimal_seconds = -3.9883, not a time)"
+    )
+    for cost in ({"flops": 1.0, "optimal_seconds": float("nan")}, {"optimal_seconds": 0.0}):
+        assert check.compiler_estimate(cost)["step_s"] is None
+    missing = check.compiler_estimate({"flops": -1.0})
+    assert missing == {
+        "step_s": None,
+        "flops": None,
+        "reason": "the compiler's cost analysis gives no optimal_seconds",
+    }
+
+    class Compiled:  # older JAX: a list with one dict per program
+        def cost_analysis(self):
+            return [{"flops": 4.0, "optimal_seconds": 2e-3}]
+
+    assert check.compiler_estimate(check._cost_analysis(Compiled()))["step_s"] == 2e-3
+    # The markdown report prints the line under the train-step table.
+    row = {"model": "resnet18_cifar", "dtype": "bfloat16", "batch": 256, "images_per_s": 2e4}
+    row["compiler_estimate"] = dict(good, line=line)
+    report = {
+        "meta": {
+            "device": {"local_devices": 4, "device_kind": "TPU v5 lite", "backend": "tpu"},
+            "jax": jax.__version__,
+            "started": "now",
+            "wall_s": 1.0,
+            "tiny": False,
+        },
+        "sections": {
+            "train_step": {
+                "status": "ok",
+                "rows": [row],
+                "prefetch": {"dhel-train": "no", "this check": "yes"},
+            }
+        },
+    }
+    report["meta"]["device"]["peak_source"] = "TPU v5e"
+    text = accelerator_report.markdown(report, check.SECTIONS)
+    assert f"* bfloat16, batch 256: {line}" in text
 
 
 def test_read_idx_round_trip(tmp_path):

@@ -1,8 +1,8 @@
 """Tests for dhel_jax.baselines and ``dhel-eval --baselines``.
 
 References: the stem BatchNorm's population statistics from a float64 NumPy convolution written
-out tap by tap; the run's initial parameters from ``train.create_train_state``; the pixel kNN
-from the float64 brute-force reference of tests/np_reference.py.
+out tap by tap; the run's initial parameters from ``dhel_jax.step.create_train_state``; the
+pixel kNN from the float64 brute-force reference of tests/np_reference.py.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from absl import flags
 
 from dhel_jax import augment, baselines, data, main, models, optimizers, parallel, probes, train
 from dhel_jax.builders import eval_transform_kwargs
+from dhel_jax.step import create_train_state
 from tests import np_reference
 from tests.train_worker import MOCK_EXAMPLES, tiny_config
 
@@ -103,7 +104,7 @@ def test_random_init_variables_start_from_the_runs_initial_parameters(setup):
         num_examples=48,
     )
     assert used == 48
-    state = train.create_train_state(
+    state = create_train_state(
         jax.random.key(5),
         model=model,
         tx=optimizers.make_optimizer("sgd", learning_rate=0.1, weight_decay=0.0),

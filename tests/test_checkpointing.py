@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from dhel_jax import checkpointing, optimizers, train
+from dhel_jax.step import create_train_state
 from tests.helpers import hash_tree, truncate_state_arrays
 
 
@@ -39,7 +40,7 @@ def _make_state(config, seed: int):
     model = train.build_model(config)
     tx = optimizers.make_optimizer("lars", learning_rate=0.1, weight_decay=1e-6)
     probe_tx = optimizers.make_optimizer("adamw", learning_rate=1e-3, weight_decay=0.0)
-    state = train.create_train_state(
+    state = create_train_state(
         jax.random.key(seed),
         model=model,
         tx=tx,

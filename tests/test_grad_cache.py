@@ -19,6 +19,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from dhel_jax import grad_cache, losses, metrics, models, parallel, train
+from dhel_jax.step import GEOMETRY_METRICS
 from tests.kinks import assert_clear_of_kinks, model_apply_pair
 from tests.train_worker import (
     COMPILER_OPTIONS,
@@ -273,7 +274,7 @@ def test_train_step_with_chunks_on_8_devices_is_exact_and_measures_the_batch_geo
     host = fixed_batch()
     batch = train.global_batch(host, setup.batch_sharding)
     state, first = setup.train_step(setup.init(), batch)
-    assert all(np.isnan(first[k]) for k in train.GEOMETRY_METRICS)
+    assert all(np.isnan(first[k]) for k in GEOMETRY_METRICS)
     assert np.isfinite(first["loss"])
 
     params, batch_stats = jax.device_get((state.params, state.batch_stats))
@@ -297,7 +298,7 @@ def test_train_step_with_chunks_on_8_devices_is_exact_and_measures_the_batch_geo
         "projections_wasserstein_uniformity": metrics.wasserstein_uniformity(z1),
         "projections_alignment": metrics.alignment(z1, z2),
     }
-    assert set(expected) == set(train.GEOMETRY_METRICS)
+    assert set(expected) == set(GEOMETRY_METRICS)
     for name, value in expected.items():
         np.testing.assert_allclose(second[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
 
@@ -313,6 +314,6 @@ def test_run_with_chunks_logs_geometry_on_due_steps_only(tmp_path, eight_devices
     ]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for r in records:
-        has = {k for k in train.GEOMETRY_METRICS if k in r}
-        assert has == (set(train.GEOMETRY_METRICS) if r["step"] % 2 == 0 else set()), r
+        has = {k for k in GEOMETRY_METRICS if k in r}
+        assert has == (set(GEOMETRY_METRICS) if r["step"] % 2 == 0 else set()), r
         assert all(np.isfinite(r[k]) for k in has), r

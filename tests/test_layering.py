@@ -1,5 +1,6 @@
-"""Layering and public-API guards: the library core imports with only jax, numpy and optax, and
-no module of dhel_jax reaches into JAX internals (they change without notice between releases).
+"""Layering and public-API guards: the library core imports with only jax, numpy and optax, the
+train step (``dhel_jax.step``) with only jax, flax, optax and dm_pix, and no module of dhel_jax
+reaches into JAX internals (they change without notice between releases).
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ _CORE_ONLY = textwrap.dedent(
 )
 
 
-def test_losses_and_metrics_import_with_core_dependencies_only():
+def _run_fresh(code: str) -> str:
+    """Runs ``code`` in a fresh interpreter on the CPU; returns its stdout."""
     result = subprocess.run(
-        [sys.executable, "-c", _CORE_ONLY],
+        [sys.executable, "-c", code],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -92,7 +94,64 @@ def test_losses_and_metrics_import_with_core_dependencies_only():
         env={"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "core-only ok" in result.stdout
+    return result.stdout
+
+
+def test_losses_and_metrics_import_with_core_dependencies_only():
+    assert "core-only ok" in _run_fresh(_CORE_ONLY)
+
+
+# The data and run stack (configs, input pipeline, checkpoints, logging) is absent, as on an
+# accelerator host: an entry of None in sys.modules makes its import raise ImportError.
+_STEP_ONLY = textwrap.dedent(
+    """
+    import sys
+
+    ABSENT = (
+        "ml_collections", "grain", "orbax", "tensorflow", "tensorflow_datasets",
+        "array_record", "tensorboardX", "tqdm",
+    )
+    for name in ABSENT:
+        sys.modules[name] = None
+
+    import jax
+    import jax.numpy as jnp
+
+    from dhel_jax import losses, models, optimizers, parallel, step
+
+    model = models.get_model("resnet_tiny", head_hidden_dim=16, head_out_dim=8)
+    tx = optimizers.make_optimizer("sgd", learning_rate=0.1, weight_decay=0.0)
+    state = jax.eval_shape(
+        lambda: step.create_train_state(
+            jax.random.key(0), model=model, tx=tx, probe_tx=tx, image_shape=(8, 8, 3),
+            num_classes=10,
+        )
+    )
+    train_step = step.make_train_step(
+        parallel.data_mesh(jax.devices()[:1]),
+        model=model,
+        tx=tx,
+        loss_fn=losses.get_loss("dhel"),
+        learning_rate_fn=lambda count: 0.1,
+        view_kwargs={"out_size": 8},
+        probe_tx=tx,
+        geometry_every_steps=2,
+    )
+    batch = {
+        "image": jax.ShapeDtypeStruct((4, 8, 8, 3), jnp.uint8),
+        "label": jax.ShapeDtypeStruct((4,), jnp.int32),
+    }
+    _, metrics = jax.eval_shape(train_step, state, batch)
+    assert {"loss", "probe_accuracy", "finite", *step.GEOMETRY_METRICS} <= set(metrics)
+    leaked = sorted(m for m in sys.modules if m.split(".")[0] in ABSENT and sys.modules[m])
+    assert not leaked, leaked
+    print("step-only ok")
+    """
+)
+
+
+def test_the_step_imports_and_traces_without_the_data_and_run_stack():
+    assert "step-only ok" in _run_fresh(_STEP_ONLY)
 
 
 def test_tpu_detection_reads_the_pci_bus(tmp_path):
