@@ -197,11 +197,35 @@ def test_knn_matches_bruteforce_float64(rng, chunk_size, k):
         np.testing.assert_array_equal(np.asarray(got), expected)
 
 
+def _knn_ties(train, train_labels, queries, num_classes, k, temperature):
+    """Over the queries, in float64: the smallest gap between the k-th and the (k+1)-th cosine
+    similarity (top-k's tie), and the smallest relative gap between the two heaviest classes'
+    votes (argmax's tie)."""
+    train, queries = np_reference.normalize(train), np_reference.normalize(queries)
+    sims = np.sort(queries @ train.T, axis=1)[:, ::-1]
+    order = np.argsort(-(queries @ train.T), axis=1, kind="stable")[:, :k]
+    votes = np.zeros((len(queries), num_classes))
+    for i, neighbours in enumerate(order):
+        s = (queries[i] @ train[neighbours].T) / temperature
+        np.add.at(votes[i], train_labels[neighbours], np.exp(s - s.max()))
+    top2 = np.sort(votes, axis=1)[:, -2:]
+    return np.min(sims[:, k - 1] - sims[:, k]), np.min((top2[:, 1] - top2[:, 0]) / top2[:, 1])
+
+
 @pytest.mark.parametrize("temperature", [0.1, 0.01, 1.0])
 def test_knn_float32_matches_bruteforce(rng, temperature):
     # temperature 0.01 puts exp(s / temperature) up to e^100, beyond float32's range.
     train, train_labels, queries = _knn_data(rng)
     expected = np_reference.knn_predict(train, train_labels, queries, 5, 50, temperature)
+    # Exact equality holds only away from ties that float32 round-off could decide either way:
+    # a cosine similarity of unit vectors in d = 16 is off by at most (d + 2) float32 epsilons
+    # (normalisation and the dot product), a vote exp(s / temperature) by that over the
+    # temperature, relatively, plus the sum of k = 50 of them. Twice each bound must separate
+    # the k-th from the (k+1)-th neighbour and the two heaviest classes.
+    eps = 2.0**-24
+    topk_gap, vote_gap = _knn_ties(train, train_labels, queries, 5, 50, temperature)
+    assert topk_gap > 2 * 18 * eps, topk_gap
+    assert vote_gap > 2 * (18 * eps / temperature + 50 * eps), vote_gap
     got = probes.knn_predict(
         train.astype(np.float32),
         train_labels,
