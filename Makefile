@@ -1,7 +1,14 @@
-# Every target that needs Python first makes sure .venv exists and holds the
-# project with its dev extra (re-installed when pyproject.toml changes).
-PY      := .venv/bin/python
-STAMP   := .venv/.installed
+# Every target that needs Python first makes sure $(VENV) exists and holds the project with
+# $(EXTRAS) (re-installed when pyproject.toml or the constraints file changes). By default:
+# .venv, made by python3, with the dev extra; on a machine whose python3 is 3.11 that is jax
+# 0.10.2 (README, "Tested stacks"). .ci/run also runs `make test` on the newest stack with
+#   PYTHON=<a Python 3.12> VENV=.venv312 EXTRAS=dev,tpu CONSTRAINTS=.ci/constraints-newest.txt
+PYTHON  ?= python3
+VENV    ?= .venv
+EXTRAS  ?= dev
+CONSTRAINTS ?=
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
 RUN     ?= runs/fashion_mnist_dhel
 CONFIG  ?= configs/fashion_mnist.py
 PYTEST_ARGS ?= -n 2
@@ -10,10 +17,10 @@ PYTEST_ARGS ?= -n 2
 
 setup: $(STAMP) data
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv .venv
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 # Debian's copy of Fashion-MNIST: the offline source of the embedded default.
@@ -29,10 +36,10 @@ test: setup
 run: train eval
 
 train: setup
-	.venv/bin/dhel-train --config $(CONFIG) --workdir $(RUN)
+	$(VENV)/bin/dhel-train --config $(CONFIG) --workdir $(RUN)
 
 eval: setup
-	.venv/bin/dhel-eval --workdir $(RUN) --baselines
+	$(VENV)/bin/dhel-eval --workdir $(RUN) --baselines
 
 bench: setup
 	$(PY) -m pip install -q -e '.[bench]'
@@ -40,7 +47,7 @@ bench: setup
 	$(PY) benchmarks/bench_data.py
 
 # Correctness, speed, MFU and learning on whatever backend JAX finds, from a plain source
-# checkout (no install, no TFDS/grain/ml_collections): docs/accelerators.md. With .venv if
+# checkout (no install, no TFDS/grain/ml_collections): docs/accelerators.md. With $(VENV) if
 # there is one, else the system python3 (an accelerator host's preinstalled stack).
 ACCEL_PY    = $(if $(wildcard $(PY)),$(PY),python3)
 ACCEL_ARGS ?=
@@ -48,13 +55,13 @@ accel-check:
 	PYTHONPATH=. $(ACCEL_PY) benchmarks/accelerator_check.py $(ACCEL_ARGS)
 
 lint: setup
-	.venv/bin/ruff check dhel_jax tests benchmarks configs
-	.venv/bin/ruff format --check dhel_jax tests benchmarks configs
-	.venv/bin/mypy
+	$(VENV)/bin/ruff check dhel_jax tests benchmarks configs
+	$(VENV)/bin/ruff format --check dhel_jax tests benchmarks configs
+	$(VENV)/bin/mypy
 
 clean:
-	rm -rf .venv build *.egg-info .pytest_cache
+	rm -rf .venv .venv312 build *.egg-info .pytest_cache
 
 notebooks: setup
 	$(PY) -m pip install -q jupyterlab
-	.venv/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/

@@ -23,9 +23,11 @@ CPU_XLA_FLAGS = {
     "--xla_cpu_experimental_ynn_fusion_type": "dot,reduce",
     "--xla_cpu_collective_call_terminate_timeout_seconds": "600",
 }
-# The jaxlib series the flags were validated on: an XLA that does not know a flag in XLA_FLAGS
-# aborts at start-up, so on any other jaxlib none is added.
-_CPU_FLAGS_JAXLIB_SERIES = "0.10."
+# The jaxlib minor series whose XLA was checked to accept both flags with these values (jaxlib
+# 0.10.2, 0.11.2, 0.12.0.1 and 0.12.1): an XLA that does not know a flag (or a value) in
+# XLA_FLAGS aborts at start-up, so on any other series none is added. Add a series only after
+# checking it; tests/test_train.py runs a train step with the flags on the installed jaxlib.
+_CPU_FLAGS_JAXLIB_SERIES = frozenset({(0, 10), (0, 11), (0, 12)})
 
 _ACCELERATOR_PLUGINS = (
     "libtpu",
@@ -53,9 +55,17 @@ def cpu_xla_flags(xla_flags: str, jaxlib_version: str | None = None) -> list[str
             jaxlib_version = importlib.metadata.version("jaxlib")
         except importlib.metadata.PackageNotFoundError:
             return []
-    if not jaxlib_version.startswith(_CPU_FLAGS_JAXLIB_SERIES):
+    if _minor_series(jaxlib_version) not in _CPU_FLAGS_JAXLIB_SERIES:
         return []
     return [f"{name}={value}" for name, value in CPU_XLA_FLAGS.items() if name not in xla_flags]
+
+
+def _minor_series(version: str) -> tuple[int, int] | None:
+    """``(major, minor)`` of a version string such as ``0.12.0.1``; None if it has none."""
+    parts = version.split(".")
+    if len(parts) < 2 or not (parts[0].isdigit() and parts[1].isdigit()):
+        return None
+    return int(parts[0]), int(parts[1])
 
 
 def use_cpu_xla_flags() -> list[str]:

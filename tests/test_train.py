@@ -197,7 +197,11 @@ def test_cpu_backend_options_never_override_user_xla_flags(monkeypatch):
     assert cpu.cpu_xla_flags("", "0.10.2") == [f"{ynn}=dot,reduce", f"{wait}=600"]
     assert cpu.cpu_xla_flags(f"{ynn}=dot", "0.10.2") == [f"{wait}=600"]
     assert cpu.cpu_xla_flags(f"{ynn}=dot {wait}=30", "0.10.2") == []
-    assert cpu.cpu_xla_flags("", "0.11.0") == []  # not validated there: nothing added
+    both = [f"{ynn}=dot,reduce", f"{wait}=600"]
+    for version in ("0.11.2", "0.12.0.1", "0.12.1"):  # every validated series
+        assert cpu.cpu_xla_flags("", version) == both
+    for version in ("0.9.2", "0.13.0", "1.0.0", "unknown"):  # not validated there: nothing added
+        assert cpu.cpu_xla_flags("", version) == []
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     user = f"--xla_force_host_platform_device_count=3 {ynn}=eltwise"
     monkeypatch.setenv("XLA_FLAGS", user)
