@@ -7,7 +7,7 @@ The losses and metrics need nothing but ``jax``::
     loss_fn = dhel_jax.get_loss("kcl", kernel="gaussian", t=2.0, gamma=16.0)
 
 The training stack (``dhel_jax.models``, ``dhel_jax.data``, ``dhel_jax.augment``,
-``dhel_jax.step``, ``dhel_jax.train``, ``dhel_jax.evaluate`` and the
+``dhel_jax.step``, ``dhel_jax.train_config``, ``dhel_jax.train``, ``dhel_jax.evaluate`` and the
 modules of its phases) is imported on first attribute access, so ``import dhel_jax`` stays
 light.
 """
@@ -63,6 +63,7 @@ _LAZY_SUBMODULES = (
     "sources",
     "step",
     "train",
+    "train_config",
 )
 
 

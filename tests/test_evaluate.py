@@ -37,6 +37,7 @@ from dhel_jax import (
     parallel,
     plots,
     train,
+    train_config,
 )
 from dhel_jax.builders import eval_transform_kwargs
 from tests.helpers import hash_tree, truncate_state_arrays
@@ -417,7 +418,7 @@ def test_paper_protocol_end_to_end(run, tmp_path, mocked):
 
 
 def test_settings_come_from_the_config_then_the_overrides():
-    config = train.default_config()
+    config = train_config.default_config()
     config.eval.knn_k = 20
     config.eval.protocol = "paper"
     settings = eval_settings.settings_from_config(config)

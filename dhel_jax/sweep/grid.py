@@ -62,7 +62,7 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
     """Checks a sweep's fields (see the module docstring), and the training config of one cell
-    of each loss with ``dhel_jax.train.validate_config``.
+    of each loss with ``dhel_jax.train_config.validate_config``.
 
     Raises:
       SweepError: naming the bad field, its value and what is accepted.
@@ -325,13 +325,13 @@ def run_config(
     sweep: ml_collections.ConfigDict, cell: Cell, seed: int, *, validate: bool = False
 ) -> ml_collections.ConfigDict:
     """The training config of one run (what ``dhel-train`` builds from its command line);
-    ``validate``: also ``dhel_jax.train.validate_config`` on one device."""
+    ``validate``: also ``dhel_jax.train_config.validate_config`` on one device."""
     config = _load_config_file(sweep.config)
     config.update_from_flattened_dict(run_overrides(sweep, cell, seed))
     if validate:
-        from dhel_jax import train
+        from dhel_jax import train_config
 
-        train.validate_config(config, device_count=1, process_count=1)
+        train_config.validate_config(config, device_count=1, process_count=1)
     return config
 
 
