@@ -12,7 +12,9 @@ checked out into a temporary ``git worktree``), a fresh Python process with that
 * ``eval_fast.json`` (+ its printed summary and PNG plots) of ``dhel_jax.evaluate.evaluate`` on
   that run, fast protocol, with the baselines; ``eval_paper.json`` with the paper probe
   (2 epochs of batch 16), no plots;
-* the stdout of ``dhel-sweep --dry-run`` for every ``configs/sweeps/*.py``;
+* the stdout of ``dhel-sweep --dry-run`` for every ``configs/sweeps/*.py``, and the
+  ``NAME.json`` / ``NAME.md`` / plots of ``dhel-sweep --aggregate-only`` on an empty runs
+  directory (every run missing);
 * ``dhel_jax.sweep.report.write_results`` of every committed ``results/*.json`` (the Markdown
   report and the plots).
 
@@ -92,6 +94,20 @@ def _produce(out: Path) -> None:
             status = cli.main(["--sweep", str(sweep), "--runs_dir", "runs/sweeps", "--dry-run"])
         (out / "dry_run").mkdir(exist_ok=True)
         (out / "dry_run" / f"{sweep.stem}.txt").write_text(f"exit {status}\n{text.getvalue()}")
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            status = cli.main(
+                [
+                    "--sweep",
+                    str(sweep),
+                    "--runs_dir",
+                    "runs/same_behaviour_empty",
+                    "--results_dir",
+                    str(out / "aggregate_only"),
+                    "--aggregate-only",
+                ]
+            )
+        (out / "aggregate_only" / f"{sweep.stem}.txt").write_text(f"exit {status}\n")
     for results in sorted(Path("results").glob("*.json")):
         report.write_results(json.loads(results.read_text()), out / "reports")
 
