@@ -100,12 +100,11 @@ from dhel_jax.sweep.grid import (
     select_runs,
     validate_sweep,
 )
+from dhel_jax.sweep.plots import plot_results
 from dhel_jax.sweep.report import (
-    METRICS,
     TABLE_METRICS,
     aggregate,
     markdown,
-    plot_results,
     write_results,
 )
 from dhel_jax.sweep.runner import (
@@ -127,6 +126,7 @@ from dhel_jax.sweep.runner import (
 )
 from dhel_jax.sweep.stats import (
     ERROR_BARS,
+    METRICS,
     RESOLVED_SE,
     baseline_gains,
     differences,

@@ -12,6 +12,35 @@ from typing import Any
 
 import numpy as np
 
+# Aggregated metrics: key -> (path in eval.json, label, scale for display, decimals).
+METRICS: dict[str, tuple[tuple[str, ...], str, float, int]] = {
+    "linear_probe": (("linear_probe", "accuracy"), "Linear-probe accuracy (%)", 100.0, 2),
+    "knn": (("knn", "accuracy"), "kNN accuracy (%)", 100.0, 2),
+    "effective_rank_features": (
+        ("geometry", "features", "effective_rank"),
+        "Effective rank of the features",
+        1.0,
+        1,
+    ),
+    "effective_rank_projections": (
+        ("geometry", "projections", "effective_rank"),
+        "Effective rank of the projections",
+        1.0,
+        1,
+    ),
+    "alignment_projections": (
+        ("geometry", "projections", "alignment"),
+        "Alignment of the projections",
+        1.0,
+        4,
+    ),
+    "wasserstein_uniformity_projections": (
+        ("geometry", "projections", "wasserstein_uniformity"),
+        "W1 uniformity of the projections",
+        1.0,
+        4,
+    ),
+}
 # What the ± of a cell is (``sweep.error_bars``): the standard error of the mean over seeds, or
 # the sample standard deviation over seeds (the first study's report, results/fmnist_cpu.md).
 ERROR_BARS = {
