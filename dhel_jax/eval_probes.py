@@ -6,6 +6,7 @@ the kNN monitor, and the same two on the baselines of :mod:`dhel_jax.baselines`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from typing import Any
@@ -21,85 +22,63 @@ from dhel_jax.features import extract_features
 from dhel_jax.paper_probe import crop_flip_kwargs, paper_linear_probe
 
 
+@dataclasses.dataclass(frozen=True)
+class ProbeRun:
+    """What every probe of one evaluation shares: its settings, the run's config and model, the
+    number of classes, the paper probe's mesh (None: its default) and progress bar."""
+
+    settings: EvalSettings
+    config: ml_collections.ConfigDict
+    model: Any
+    num_classes: int
+    paper_mesh: Mesh | None = None
+    progress: bool = False
+
+
 def score_encoder(
-    settings: EvalSettings,
-    config: ml_collections.ConfigDict,
-    model: Any,
+    run: ProbeRun,
     variables: Any,
     splits: Mapping[str, tuple[Any, np.ndarray]],
     features: Mapping[str, Mapping[str, np.ndarray]],
     *,
-    num_classes: int,
-    mesh: Mesh | None,
-    progress: bool,
     phase: Callable[[str], AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> dict[str, Any]:
-    """``{"linear_probe": ..., "knn": ...}`` of one encoder: the linear probe of the run's
-    protocol and the kNN monitor, on ``features`` (``{"train"|"test": outputs}``) and the labels
-    of ``splits``; each runs inside ``phase("linear_probe")``, ``phase("knn")`` (a timer)."""
-    with phase("linear_probe"):
-        probe = linear_probe(
-            settings,
-            config,
-            model,
-            variables,
-            splits,
-            features,
-            num_classes=num_classes,
-            mesh=mesh,
-            progress=progress,
-        )
-    with phase("knn"):
-        neighbours = knn(
-            settings,
-            features["train"]["features"],
-            splits["train"][1],
-            features["test"]["features"],
-            splits["test"][1],
-            num_classes,
-        )
-    return {"linear_probe": {"protocol": settings.protocol, **probe}, "knn": neighbours}
-
-
-def linear_probe(
-    settings: EvalSettings,
-    config: ml_collections.ConfigDict,
-    model: Any,
-    variables: Any,
-    splits: Mapping[str, tuple[Any, np.ndarray]],
-    features: Mapping[str, Mapping[str, np.ndarray]],
-    *,
-    num_classes: int,
-    mesh: Mesh | None,
-    progress: bool,
-) -> dict[str, Any]:
-    """The linear probe of ``settings.protocol`` on the encoder's ``features``."""
+    """``{"linear_probe": ..., "knn": ...}`` of the encoder ``variables``: the linear probe of
+    the run's protocol and the kNN monitor, on ``features`` (``{"train"|"test": outputs}``) and
+    the labels of ``splits`` (``{"train"|"test": (source, labels)}``); each runs inside
+    ``phase("linear_probe")``, ``phase("knn")`` (a timer)."""
+    settings = run.settings
     (train_x, train_y), (_, test_y) = splits["train"], splits["test"]
-    if settings.protocol == "fast":
-        return _fast_probe(
-            settings.fast_probe,
-            (features["train"]["features"], train_y),
-            (features["test"]["features"], test_y),
-            num_classes=num_classes,
-            seed=settings.seed,
-        )
-    view_kwargs = crop_flip_kwargs(config)
-    result: dict[str, Any] = paper_linear_probe(
-        lambda v, x: model.apply(v, x, train=False)["features"],
-        variables,
-        train_x,
-        train_y,
-        features["test"]["features"],
-        test_y,
-        num_classes=num_classes,
-        view_kwargs=view_kwargs,
-        seed=settings.seed,
-        mesh=mesh,
-        progress=progress,
-        **settings.paper_probe,
-    )
-    result["view_kwargs"] = view_kwargs
-    return result
+    train_f, test_f = features["train"]["features"], features["test"]["features"]
+    with phase("linear_probe"):
+        if settings.protocol == "fast":
+            probe = _fast_probe(
+                settings.fast_probe,
+                (train_f, train_y),
+                (test_f, test_y),
+                num_classes=run.num_classes,
+                seed=settings.seed,
+            )
+        else:
+            view_kwargs = crop_flip_kwargs(run.config)
+            probe = paper_linear_probe(
+                lambda v, x: run.model.apply(v, x, train=False)["features"],
+                variables,
+                train_x,
+                train_y,
+                test_f,
+                test_y,
+                num_classes=run.num_classes,
+                view_kwargs=view_kwargs,
+                seed=settings.seed,
+                mesh=run.paper_mesh,
+                progress=run.progress,
+                **settings.paper_probe,
+            )
+            probe["view_kwargs"] = view_kwargs
+    with phase("knn"):
+        neighbours = knn(settings, train_f, train_y, test_f, test_y, run.num_classes)
+    return {"linear_probe": {"protocol": settings.protocol, **probe}, "knn": neighbours}
 
 
 def _fast_probe(
@@ -150,18 +129,12 @@ def knn(
 
 
 def score_baselines(
-    settings: EvalSettings,
-    config: ml_collections.ConfigDict,
-    model: Any,
-    splits: Mapping[str, tuple[Any, np.ndarray]],
-    *,
-    num_classes: int,
-    mesh: Mesh,
-    paper_mesh: Mesh | None,
-    progress: bool,
+    run: ProbeRun, splits: Mapping[str, tuple[Any, np.ndarray]], *, mesh: Mesh
 ) -> dict[str, Any]:
     """``eval.json["baselines"]``: the random-init encoder (the run's protocol) and the raw
-    pixels (the ``fast`` probe), each ``{"linear_probe": ..., "knn": ...}``."""
+    pixels (the ``fast`` probe), each ``{"linear_probe": ..., "knn": ...}``; features are
+    extracted over ``mesh``."""
+    settings, config, model = run.settings, run.config, run.model
     (train_x, train_y), (test_x, test_y) = splits["train"], splits["test"]
     transform = builders.eval_transform_kwargs(config)
     size = builders.view_size(config)
@@ -185,17 +158,7 @@ def score_baselines(
         )
         for key, (images, _) in splits.items()
     }
-    random_init = score_encoder(
-        settings,
-        config,
-        model,
-        variables,
-        splits,
-        features,
-        num_classes=num_classes,
-        mesh=paper_mesh,
-        progress=progress,
-    )
+    random_init = score_encoder(run, variables, splits, features)
     random_init["bn_examples"] = bn_examples
     del features
     pixels_train, pixels_test = baselines.pixel_features(train_x), baselines.pixel_features(test_x)
@@ -207,11 +170,11 @@ def score_baselines(
                 fast_probe,
                 (pixels_train, train_y),
                 (pixels_test, test_y),
-                num_classes=num_classes,
+                num_classes=run.num_classes,
                 seed=settings.seed,
             ),
         },
-        "knn": knn(settings, pixels_train, train_y, pixels_test, test_y, num_classes),
+        "knn": knn(settings, pixels_train, train_y, pixels_test, test_y, run.num_classes),
         "image_size": baselines.pixel_size(train_x.image_shape),
         "dim": int(pixels_train.shape[1]),
     }

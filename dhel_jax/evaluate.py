@@ -222,31 +222,12 @@ def evaluate(
         splits, features, views = _extract_splits(
             settings, config, model, variables, sources, info, num_pairs=num_pairs, mesh=mesh
         )
-    scores = eval_probes.score_encoder(
-        settings,
-        config,
-        model,
-        variables,
-        splits,
-        features,
-        num_classes=info.num_classes,
-        mesh=paper_mesh,
-        progress=progress,
-        phase=timer,
-    )
+    run = eval_probes.ProbeRun(settings, config, model, info.num_classes, paper_mesh, progress)
+    scores = eval_probes.score_encoder(run, variables, splits, features, phase=timer)
     baseline_results = None
     if with_baselines:
         with timer("baselines"):
-            baseline_results = eval_probes.score_baselines(
-                settings,
-                config,
-                model,
-                splits,
-                num_classes=info.num_classes,
-                mesh=mesh,
-                paper_mesh=paper_mesh,
-                progress=progress,
-            )
+            baseline_results = eval_probes.score_baselines(run, splits, mesh=mesh)
     test = features["test"]
     with timer("geometry"):
         geo = _geometry(settings, test, views, num_pairs)
