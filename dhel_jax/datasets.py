@@ -52,15 +52,15 @@ class DatasetInfo:
 
     Attributes:
       name: registry name.
-      tfds_name: TFDS builder name.
       num_classes: number of classes of the labelled splits.
       image_shape: ``(H, W, C)`` of every uint8 image the loaders yield.
-      pretrain_splits: TFDS splits concatenated for contrastive pretraining.
-      train_split: labelled split to fit evaluation probes on.
-      test_split: labelled split to report evaluation results on.
       mean: per-channel mean of the training pixels in [0, 1] units (for normalisation).
       std: per-channel standard deviation of the training pixels in [0, 1] units.
       view_size: default side length of the augmented views (``out_size`` of the augmentations).
+      tfds_name: TFDS builder name (default: ``name``).
+      pretrain_splits: TFDS splits concatenated for contrastive pretraining.
+      train_split: labelled split to fit evaluation probes on.
+      test_split: labelled split to report evaluation results on.
       eval_crop_fraction: centre-crop fraction of the evaluation transform.
       resize_shorter: for datasets of varied image sizes (ImageNet): every image is resized,
         aspect kept, so that its shorter side is this (or its longer side the canvas side
@@ -74,19 +74,23 @@ class DatasetInfo:
     """
 
     name: str
-    tfds_name: str
     num_classes: int
     image_shape: tuple[int, int, int]
-    pretrain_splits: tuple[str, ...]
-    train_split: str
-    test_split: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
     view_size: int
+    tfds_name: str = ""  # "": the registry name.
+    pretrain_splits: tuple[str, ...] = ("train",)
+    train_split: str = "train"
+    test_split: str = "test"
     eval_crop_fraction: float = 1.0
     resize_shorter: int | None = None
     in_memory: bool = True
     needs_manual_download: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.tfds_name:
+            object.__setattr__(self, "tfds_name", self.name)
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -94,12 +98,8 @@ DATASETS: dict[str, DatasetInfo] = {
     for info in (
         DatasetInfo(
             name="fashion_mnist",
-            tfds_name="fashion_mnist",
             num_classes=10,
             image_shape=(28, 28, 1),
-            pretrain_splits=("train",),
-            train_split="train",
-            test_split="test",
             # Exact moments of the 60000 training images (checked by tests/test_data.py).
             mean=(0.28604060,),
             std=(0.35302424,),
@@ -107,36 +107,25 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             name="cifar10",
-            tfds_name="cifar10",
             num_classes=10,
             image_shape=(32, 32, 3),
-            pretrain_splits=("train",),
-            train_split="train",
-            test_split="test",
             mean=(0.4914, 0.4822, 0.4465),
             std=(0.2470, 0.2435, 0.2616),
             view_size=32,
         ),
         DatasetInfo(
             name="cifar100",
-            tfds_name="cifar100",
             num_classes=100,
             image_shape=(32, 32, 3),
-            pretrain_splits=("train",),
-            train_split="train",
-            test_split="test",
             mean=(0.5071, 0.4865, 0.4409),
             std=(0.2673, 0.2564, 0.2762),
             view_size=32,
         ),
         DatasetInfo(
             name="stl10",
-            tfds_name="stl10",
             num_classes=10,
             image_shape=(96, 96, 3),
             pretrain_splits=("train", "unlabelled"),
-            train_split="train",
-            test_split="test",
             mean=(0.4467, 0.4398, 0.4066),
             std=(0.2603, 0.2566, 0.2713),
             view_size=96,
@@ -144,13 +133,10 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         DatasetInfo(
             name="imagenet100",
-            tfds_name="imagenet100",
             num_classes=100,
             # Shorter side 256 (SimCLR's evaluation resize), kept whole for the random crop;
             # the 384 canvas keeps every aspect ratio up to 3:2 at that resolution.
             image_shape=(384, 384, 3),
-            pretrain_splits=("train",),
-            train_split="train",
             test_split="validation",
             mean=(0.485, 0.456, 0.406),
             std=(0.229, 0.224, 0.225),
