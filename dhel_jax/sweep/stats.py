@@ -16,30 +16,21 @@ import numpy as np
 METRICS: dict[str, tuple[tuple[str, ...], str, float, int]] = {
     "linear_probe": (("linear_probe", "accuracy"), "Linear-probe accuracy (%)", 100.0, 2),
     "knn": (("knn", "accuracy"), "kNN accuracy (%)", 100.0, 2),
-    "effective_rank_features": (
-        ("geometry", "features", "effective_rank"),
-        "Effective rank of the features",
-        1.0,
-        1,
-    ),
-    "effective_rank_projections": (
-        ("geometry", "projections", "effective_rank"),
-        "Effective rank of the projections",
-        1.0,
-        1,
-    ),
-    "alignment_projections": (
-        ("geometry", "projections", "alignment"),
-        "Alignment of the projections",
-        1.0,
-        4,
-    ),
-    "wasserstein_uniformity_projections": (
-        ("geometry", "projections", "wasserstein_uniformity"),
-        "W1 uniformity of the projections",
-        1.0,
-        4,
-    ),
+    # The geometry of one output: eval.json["geometry"][output][metric].
+    **{
+        f"{metric}_{output}": (
+            ("geometry", output, metric),
+            f"{label} of the {output}",
+            1.0,
+            digits,
+        )
+        for metric, output, label, digits in (
+            ("effective_rank", "features", "Effective rank", 1),
+            ("effective_rank", "projections", "Effective rank", 1),
+            ("alignment", "projections", "Alignment", 4),
+            ("wasserstein_uniformity", "projections", "W1 uniformity", 4),
+        )
+    },
 }
 # What the ± of a cell is (``sweep.error_bars``): the standard error of the mean over seeds, or
 # the sample standard deviation over seeds (the first study's report, results/fmnist_cpu.md).
