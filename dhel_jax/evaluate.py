@@ -224,10 +224,9 @@ def evaluate(
         )
     run = eval_probes.ProbeRun(settings, config, model, info.num_classes, paper_mesh, progress)
     scores = eval_probes.score_encoder(run, variables, splits, features, phase=timer)
-    baseline_results = None
     if with_baselines:
         with timer("baselines"):
-            baseline_results = eval_probes.score_baselines(run, splits, mesh=mesh)
+            scores["baselines"] = eval_probes.score_baselines(run, splits, mesh=mesh)
     test = features["test"]
     with timer("geometry"):
         geo = _geometry(settings, test, views, num_pairs)
@@ -236,20 +235,7 @@ def evaluate(
         with timer("plots"):
             plot_paths = write_plots(out, run_dir, step, test, geo, num_pairs)
     results = _record(
-        run_dir=run_dir,
-        step=step,
-        settings=settings,
-        config=config,
-        info=info,
-        labels=(splits["train"][1], splits["test"][1]),
-        test=test,
-        results=scores,
-        geo=geo,
-        num_pairs=num_pairs,
-        plot_paths=plot_paths,
-        timings=timer.timings(),
-        mesh=mesh,
-        baselines=baseline_results,
+        run, info, mesh, run_dir, step, splits, test, scores, geo, num_pairs, plot_paths, timer
     )
     payload = json.dumps(results, indent=2, allow_nan=False) + "\n"
     write_atomic(out / EVAL_FILENAME, payload.encode())
@@ -341,24 +327,23 @@ def _geometry(
 
 
 def _record(
-    *,
+    run: eval_probes.ProbeRun,
+    info: Any,
+    mesh: Mesh,
     run_dir: epath.Path,
     step: int,
-    settings: EvalSettings,
-    config: ml_collections.ConfigDict,
-    info: Any,
-    labels: tuple[np.ndarray, np.ndarray],
+    splits: Mapping[str, tuple[Any, np.ndarray]],
     test: Mapping[str, np.ndarray],
-    results: Mapping[str, Any],
+    scores: Mapping[str, Any],
     geo: Mapping[str, Any],
     num_pairs: int,
     plot_paths: Mapping[str, str | None],
-    timings: Mapping[str, float],
-    mesh: Mesh,
-    baselines: Mapping[str, Any] | None,
+    timer: _Timer,
 ) -> dict[str, Any]:
-    """The contents of ``eval.json`` (schema in the module docstring), JSON-safe."""
-    train_y, test_y = labels
+    """The contents of ``eval.json`` (schema in the module docstring), JSON-safe: ``scores``
+    holds the probes' results (``linear_probe``, ``knn``, and ``baselines`` when scored)."""
+    settings, config = run.settings, run.config
+    train_y, test_y = splits["train"][1], splits["test"][1]
     record = {
         "workdir": os.fspath(run_dir),
         "step": int(step),
@@ -375,7 +360,8 @@ def _record(
             "image_size": builders.view_size(config),
         },
         "dims": {name: int(test[name].shape[1]) for name in OUTPUTS},
-        **results,
+        "linear_probe": scores["linear_probe"],
+        "knn": scores["knn"],
         "geometry": {
             **geo,
             "pair_examples": num_pairs,
@@ -384,13 +370,13 @@ def _record(
             "alignment_seed": settings.seed,
         },
         "plots": plot_paths,
-        "timings": timings,
+        "timings": timer.timings(),
         "devices": {"platform": mesh.devices.flat[0].platform, "count": int(mesh.devices.size)},
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    if baselines is not None:
-        record["baselines"] = baselines
+    if "baselines" in scores:
+        record["baselines"] = scores["baselines"]
     return jsonable(record)
 
 
