@@ -61,7 +61,7 @@ def score_encoder(
             )
         else:
             view_kwargs = crop_flip_kwargs(run.config)
-            probe = paper_linear_probe(
+            paper = paper_linear_probe(
                 lambda v, x: run.model.apply(v, x, train=False)["features"],
                 variables,
                 train_x,
@@ -75,7 +75,7 @@ def score_encoder(
                 progress=run.progress,
                 **settings.paper_probe,
             )
-            probe["view_kwargs"] = view_kwargs
+            probe = {**paper, "view_kwargs": view_kwargs}
     with phase("knn"):
         neighbours = knn(settings, train_f, train_y, test_f, test_y, run.num_classes)
     return {"linear_probe": {"protocol": settings.protocol, **probe}, "knn": neighbours}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +73,7 @@ def _over_other_rows(
     u: Array,
     f: Any,
     param: Array,
-    reduce: str,
+    reduce: Literal["lse", "sum"],
     axis_name: AxisName,
     block_size: int | None,
 ) -> Array:
