@@ -72,9 +72,10 @@ not supported (launch ``dhel-train`` on every host yourself).
 
 The package is split by concern: :mod:`~dhel_jax.sweep.grid` (the sweep file and its grid),
 :mod:`~dhel_jax.sweep.runner` (the runs' state on disk, the subprocesses, locks and signals),
-:mod:`~dhel_jax.sweep.stats` (means, standard errors, differences between losses),
-:mod:`~dhel_jax.sweep.report` (aggregation, tables and plots) and :mod:`~dhel_jax.sweep.cli`
-(``dhel-sweep``); their public names are importable from ``dhel_jax.sweep``.
+:mod:`~dhel_jax.sweep.stats` (the metrics, means, standard errors, differences between
+losses), :mod:`~dhel_jax.sweep.report` (aggregation and tables), :mod:`~dhel_jax.sweep.plots`
+(the plots) and :mod:`~dhel_jax.sweep.cli` (``dhel-sweep``); their public names are importable
+from ``dhel_jax.sweep``.
 """
 
 from __future__ import annotations
