@@ -6,7 +6,7 @@ Measures, for each requested number of XLA host devices (``--cpu_devices``, CPU 
   loading, compilation, feature extraction, ``fast`` probe, kNN, geometry, plots), with the
   per-phase seconds it records in ``eval.json``. Outputs go to a temporary ``--out_dir``: the
   run's workdir is not touched.
-* ``extract``: ``evaluate.extract_features`` of the train + test splits (70k images for
+* ``extract``: ``features.extract_features`` of the train + test splits (70k images for
   Fashion-MNIST), first call (with compilation) and a second, warm call; images per second.
 * ``fast_probe``: ``probes.linear_probe_accuracy`` on those features, first and second call.
 
@@ -93,14 +93,22 @@ def _worker(workdir: str) -> None:
     import jax
     import numpy as np
 
-    from dhel_jax import builders, checkpointing, data, evaluate, parallel, probes
+    from dhel_jax import (
+        builders,
+        checkpointing,
+        data,
+        eval_settings,
+        features,
+        parallel,
+        probes,
+    )
 
     config, variables, _ = checkpointing.restore_for_eval(workdir)
     info = data.get_dataset_info(config.dataset)
     splits = [data.load_split(config.dataset, s) for s in (info.train_split, info.test_split)]
     model = builders.build_model(config)
     kwargs = dict(
-        batch_size=evaluate.EvalSettings().batch_size,
+        batch_size=eval_settings.EvalSettings().batch_size,
         mesh=parallel.data_mesh(jax.local_devices()),
         transform_kwargs=builders.eval_transform_kwargs(config),
     )
@@ -108,7 +116,7 @@ def _worker(workdir: str) -> None:
     out: dict = {"devices": jax.local_device_count(), "images": num_images}
     for label in ("extract_first_s", "extract_warm_s"):
         start = time.perf_counter()
-        feats = [evaluate.extract_features(model, variables, x, **kwargs) for x, _ in splits]
+        feats = [features.extract_features(model, variables, x, **kwargs) for x, _ in splits]
         out[label] = round(time.perf_counter() - start, 2)
     out["extract_warm_images_per_s"] = round(num_images / out["extract_warm_s"])
     (_, y_train), (_, y_test) = splits

@@ -76,10 +76,10 @@ def build(model: str, batch: int, chunks: int, geometry_every_steps: int = 0):
     import jax
     import jax.numpy as jnp
 
-    from dhel_jax import data, parallel, train
+    from dhel_jax import data, parallel, train, train_config
 
     config = make_config(model, batch, chunks, geometry_every_steps)
-    train.validate_config(config, device_count=1, process_count=1)
+    train_config.validate_config(config, device_count=1, process_count=1)
     mesh = parallel.data_mesh(jax.devices()[:1])
     counts = train.StepCounts(
         num_examples=100 * batch, steps_per_epoch=100, total_steps=1000, warmup_steps=10
@@ -201,9 +201,9 @@ def bench_time(models, batches, chunks, rounds, per_round) -> list[dict[str, Any
 
 
 def bench_geometry(models, batches, rounds, per_round) -> list[dict[str, Any]]:
-    from dhel_jax import train
+    from dhel_jax import train_config
 
-    interval = train.default_config().geometry_every_steps
+    interval = train_config.default_config().geometry_every_steps
     rows = []
     for model in models:
         for batch in batches:

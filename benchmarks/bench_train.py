@@ -114,7 +114,7 @@ def jax_step(model: str, augment: bool):
     import numpy as np
     import optax
 
-    from dhel_jax import parallel, train
+    from dhel_jax import parallel, train, train_config
 
     config = bench_config(model)
     arch = _arch(config)
@@ -141,7 +141,7 @@ def jax_step(model: str, augment: bool):
 
     else:
         # The same computation minus the augmentation, on pre-made views (interleaved pairs).
-        loss_fn = train.loss_from_config(config.loss)
+        loss_fn = train_config.loss_from_config(config.loss)
         tx = optax.chain(
             optax.add_decayed_weights(config.optimizer.weight_decay),
             optax.sgd(0.1, momentum=config.optimizer.momentum),

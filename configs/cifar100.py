@@ -5,7 +5,7 @@ dhel-train --config configs/cifar100.py[:<loss>] --workdir runs/cifar100_dhel
 
 import ml_collections
 
-from dhel_jax.train import default_config
+from dhel_jax.train_config import default_config
 
 
 def get_config(loss: str | None = None) -> ml_collections.ConfigDict:

@@ -15,7 +15,7 @@ budget there; the runs behind each choice, with their accuracies and minutes, ar
 
 import ml_collections
 
-from dhel_jax.train import default_config
+from dhel_jax.train_config import default_config
 
 
 def get_config(loss: str | None = None) -> ml_collections.ConfigDict:

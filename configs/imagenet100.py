@@ -10,7 +10,7 @@ ImageNet must be downloaded by hand first (see ``dhel_jax.data``). On accelerato
 
 import ml_collections
 
-from dhel_jax.train import default_config
+from dhel_jax.train_config import default_config
 
 
 def get_config(loss: str | None = None) -> ml_collections.ConfigDict:

@@ -9,7 +9,7 @@ label -1).
 
 import ml_collections
 
-from dhel_jax.train import default_config
+from dhel_jax.train_config import default_config
 
 
 def get_config(loss: str | None = None) -> ml_collections.ConfigDict:

@@ -7,8 +7,9 @@ The losses and metrics need nothing but ``jax``::
     loss_fn = dhel_jax.get_loss("kcl", kernel="gaussian", t=2.0, gamma=16.0)
 
 The training stack (``dhel_jax.models``, ``dhel_jax.data``, ``dhel_jax.augment``,
-``dhel_jax.step``, ``dhel_jax.train``, ``dhel_jax.evaluate``) is imported on first
-attribute access, so ``import dhel_jax`` stays light.
+``dhel_jax.step``, ``dhel_jax.train_config``, ``dhel_jax.train``, ``dhel_jax.evaluate`` and the
+modules of its phases) is imported on first attribute access, so ``import dhel_jax`` stays
+light.
 """
 
 from __future__ import annotations
@@ -47,15 +48,24 @@ _LAZY_SUBMODULES = (
     "checkpointing",
     "cpu",
     "data",
+    "datasets",
+    "eval_probes",
+    "eval_settings",
     "evaluate",
+    "features",
+    "geometry",
     "grad_cache",
     "models",
     "optimizers",
+    "paper_probe",
     "parallel",
+    "plots",
+    "prepare",
     "probes",
     "sources",
     "step",
     "train",
+    "train_config",
 )
 
 

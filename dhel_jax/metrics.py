@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -69,6 +69,31 @@ def _neg_scaled(r2: Array, t: Array) -> Array:
     return -t * r2
 
 
+def _over_other_rows(
+    u: Array,
+    f: Any,
+    param: Array,
+    reduce: Literal["lse", "sum"],
+    axis_name: AxisName,
+    block_size: int | None,
+) -> Array:
+    """Per row i of ``u`` (M, d): the ``reduce`` (``"lse"`` or ``"sum"``) of
+    ``f(|u_i - u_j|^2, param)`` over every other row j of the global batch (gathered over
+    ``axis_name``); (M,). The pair sums of ``uniformity`` and ``hyperspherical_energy``."""
+    u_all, ids = gather_candidates(u, axis_name)
+    rows, _ = pairwise_reduce(
+        u,
+        u_all,
+        f,
+        param,
+        reduce=reduce,
+        argument="sqdist",
+        exclude=(ids,),
+        block_size=block_size,
+    )
+    return rows
+
+
 @partition_explicit_axes
 def uniformity(
     x: Array, *, t: float = 2.0, axis_name: AxisName = None, block_size: int | None = None
@@ -89,17 +114,8 @@ def uniformity(
     global_m = x.shape[0] * axis_size(axis_name)
     check_global_batch(global_m, fn=fn)
     acc = accumulation_dtype(x.dtype)
-    u = l2_normalize(x)
-    u_all, ids = gather_candidates(u, axis_name)
-    row_lse, _ = pairwise_reduce(
-        u,
-        u_all,
-        _neg_scaled,
-        jnp.asarray(t, acc),
-        reduce="lse",
-        argument="sqdist",
-        exclude=(ids,),
-        block_size=block_size,
+    row_lse = _over_other_rows(
+        l2_normalize(x), _neg_scaled, jnp.asarray(t, acc), "lse", axis_name, block_size
     )
     # Mean over ordered pairs i != j equals the mean over i < j.
     return global_logsumexp(row_lse, axis_name) - jnp.log(
@@ -228,19 +244,8 @@ def hyperspherical_energy(
             f"got s = {s!r}."
         )
     acc = accumulation_dtype(x.dtype)
-    u = _unit_rows(x)
-    u_all, ids = gather_candidates(u, axis_name)
     f = _log_energy if s == 0 else inverse_power
-    row_sums, _ = pairwise_reduce(
-        u,
-        u_all,
-        f,
-        jnp.asarray(s, acc),
-        reduce="sum",
-        argument="sqdist",
-        exclude=(ids,),
-        block_size=block_size,
-    )
+    row_sums = _over_other_rows(_unit_rows(x), f, jnp.asarray(s, acc), "sum", axis_name, block_size)
     return global_sum(row_sums, axis_name) / (global_m * (global_m - 1))
 
 

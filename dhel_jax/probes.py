@@ -198,6 +198,42 @@ def _accuracy(w: Array, b: Array, x: Array, y: Array) -> Array:
     return jnp.mean(jnp.argmax(_logits(w, b, x), axis=-1) == y)
 
 
+def _check_fit_arguments(
+    features: Array,
+    labels: Array,
+    num_classes: int,
+    l2_grid: Sequence[float],
+    val_fraction: float,
+    max_search_examples: int | None,
+    max_steps: int,
+    tol: float,
+) -> tuple[tuple[float, ...], int]:
+    """:func:`fit_linear_probe`'s argument checks; returns the l2 grid as floats and the
+    number of held-out rows."""
+    fn = "fit_linear_probe"
+    check_embeddings(features, "features", fn=fn)
+    _check_num_classes(num_classes, fn=fn)
+    n = features.shape[0]
+    _check_labels(labels, "labels", n, num_classes, fn=fn)
+    grid = tuple(float(v) for v in np.atleast_1d(np.asarray(l2_grid, dtype=np.float64)))
+    if not grid or not all(math.isfinite(v) and v >= 0 for v in grid):
+        raise ValueError(
+            f"{fn}: l2_grid must be a non-empty sequence of finite penalties >= 0; got {l2_grid!r}."
+        )
+    if not (isinstance(val_fraction, numbers.Real) and 0 < val_fraction < 1):
+        raise ValueError(f"{fn}: val_fraction must lie in (0, 1); got {val_fraction!r}.")
+    check_optional_int(max_search_examples, "max_search_examples", fn=fn)
+    check_int(max_steps, "max_steps", fn=fn)
+    check_positive(tol, "tol", fn=fn)
+    num_val = round(n * val_fraction)
+    if len(grid) > 1 and not 1 <= num_val < n:
+        raise ValueError(
+            f"{fn}: val_fraction = {val_fraction} of N = {n} rows leaves {num_val} held-out and "
+            f"{n - num_val} fitting rows; both must be >= 1 for the l2 search."
+        )
+    return grid, num_val
+
+
 def fit_linear_probe(
     features: Array,
     labels: Array,
@@ -244,28 +280,10 @@ def fit_linear_probe(
       max_steps: L-BFGS iteration cap per fit.
       tol: a fit stops once the gradient norm of its objective is below ``tol``.
     """
-    fn = "fit_linear_probe"
-    check_embeddings(features, "features", fn=fn)
-    _check_num_classes(num_classes, fn=fn)
+    grid, num_val = _check_fit_arguments(
+        features, labels, num_classes, l2_grid, val_fraction, max_search_examples, max_steps, tol
+    )
     n = features.shape[0]
-    _check_labels(labels, "labels", n, num_classes, fn=fn)
-    grid = tuple(float(v) for v in np.atleast_1d(np.asarray(l2_grid, dtype=np.float64)))
-    if not grid or not all(math.isfinite(v) and v >= 0 for v in grid):
-        raise ValueError(
-            f"{fn}: l2_grid must be a non-empty sequence of finite penalties >= 0; got {l2_grid!r}."
-        )
-    if not (isinstance(val_fraction, numbers.Real) and 0 < val_fraction < 1):
-        raise ValueError(f"{fn}: val_fraction must lie in (0, 1); got {val_fraction!r}.")
-    check_optional_int(max_search_examples, "max_search_examples", fn=fn)
-    check_int(max_steps, "max_steps", fn=fn)
-    check_positive(tol, "tol", fn=fn)
-    num_val = round(n * val_fraction)
-    if len(grid) > 1 and not 1 <= num_val < n:
-        raise ValueError(
-            f"{fn}: val_fraction = {val_fraction} of N = {n} rows leaves {num_val} held-out and "
-            f"{n - num_val} fitting rows; both must be >= 1 for the l2 search."
-        )
-
     dtype = accumulation_dtype(features.dtype)
     y = jnp.asarray(labels, jnp.int32)
     x, mean, scale, eigvals, eigvecs = _standardize(jnp.asarray(features, dtype))

@@ -3,7 +3,7 @@
     python eval_memory_worker.py N OUT_JSON
 
 runs on synthetic splits of 192x192x3 uint8 images what ``dhel-eval`` runs on its train split:
-``evaluate.extract_features``, one epoch of ``evaluate.paper_linear_probe`` and the kNN monitor
+``features.extract_features``, one epoch of ``paper_probe.paper_linear_probe`` and the kNN monitor
 on the features. Each image is generated from its index when it is read, so no copy of a split
 exists unless the evaluation makes one. The runs, one after the other in this process:
 
@@ -93,7 +93,8 @@ def main(n: int, out: str) -> None:
     import jax.numpy as jnp
     import numpy as np
 
-    from dhel_jax import data, evaluate, probes
+    from dhel_jax import data, paper_probe, probes
+    from dhel_jax.features import extract_features
 
     class TinyEncoder(nn.Module):
         """Per-channel mean and mean square -> 8 features -> 4 projections."""
@@ -110,9 +111,9 @@ def main(n: int, out: str) -> None:
 
     def evaluate_split(source) -> None:
         size = len(source)
-        features = evaluate.extract_features(model, variables, source, batch_size=BATCH)
+        features = extract_features(model, variables, source, batch_size=BATCH)
         labels = np.arange(size, dtype=np.int32) % CLASSES
-        evaluate.paper_linear_probe(
+        paper_probe.paper_linear_probe(
             lambda v, x: model.apply(v, x)["features"],
             variables,
             source,

@@ -15,13 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from dhel_jax import checkpointing, optimizers, train
+from dhel_jax import checkpointing, optimizers, train, train_config
 from dhel_jax.step import create_train_state
 from tests.helpers import hash_tree, truncate_state_arrays
 
 
 def _config():
-    config = train.default_config()
+    config = train_config.default_config()
     config.dataset = "fashion_mnist"
     config.model.name = "resnet_tiny"
     config.model.head_hidden_dim = 16

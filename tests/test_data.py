@@ -24,7 +24,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dhel_jax import data
+from dhel_jax import data, prepare
 
 DEBIAN_DIR = data.DEBIAN_FASHION_MNIST_DIR
 HAVE_DEBIAN_FILES = os.path.isfile(os.path.join(DEBIAN_DIR, "train-images-idx3-ubyte.gz"))
@@ -119,7 +119,7 @@ def test_debian_files_rebuild_the_upstream_downloads_byte_for_byte():
     for url_info in url_infos.values():
         with open(os.path.join(DEBIAN_DIR, url_info.filename), "rb") as f:
             debian = f.read()
-        upstream = data._upstream_gzip(debian, url_info.filename)
+        upstream = prepare._upstream_gzip(debian, url_info.filename)
         assert hashlib.sha256(debian).hexdigest() != url_info.checksum
         assert hashlib.sha256(upstream).hexdigest() == url_info.checksum
         assert len(upstream) == url_info.size
@@ -491,7 +491,7 @@ def test_imagenet100_crops_cover_the_whole_image_and_eval_is_resize_256_centre_2
     assert len(source) == 2
     batch = source.read(np.arange(2))
     chex.assert_shape(batch["image"], (2, 384, 384, 3))
-    raw = data._builder(data.get_dataset_info("imagenet100"), str(tmp_path)).as_data_source(
+    raw = prepare._builder(data.get_dataset_info("imagenet100"), str(tmp_path)).as_data_source(
         split="train"
     )
     decoded = [np.asarray(raw[i]["image"]) for i in range(2)]

@@ -24,7 +24,21 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from dhel_jax import augment, checkpointing, data, evaluate, main, metrics, parallel, train
+from dhel_jax import (
+    augment,
+    checkpointing,
+    data,
+    eval_settings,
+    evaluate,
+    features,
+    main,
+    metrics,
+    paper_probe,
+    parallel,
+    plots,
+    train,
+    train_config,
+)
 from dhel_jax.builders import eval_transform_kwargs
 from tests.helpers import hash_tree, truncate_state_arrays
 from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, tiny_config
@@ -126,7 +140,7 @@ def test_eval_json_has_every_key_finite_values_and_valid_pngs(evaluated):
         results["timings"]
     )
     assert results["settings"]["fast_probe"]["l2_grid"] == list(
-        evaluate.FAST_PROBE_DEFAULTS["l2_grid"]
+        eval_settings.FAST_PROBE_DEFAULTS["l2_grid"]
     )
     assert {"jax", "dhel_jax"} <= set(results["versions"])
     for key, value in _leaves(results):
@@ -262,7 +276,7 @@ def test_extract_features_pads_and_shards_like_one_plain_batch(run, eight_device
     model = train.build_model(config)
     images = np.random.default_rng(0).integers(0, 256, (37, 28, 28, 1), dtype=np.uint8)
     kwargs = eval_transform_kwargs(config)
-    got = evaluate.extract_features(
+    got = features.extract_features(
         model,
         variables,
         images,
@@ -313,13 +327,13 @@ def test_extract_features_of_canvases_use_each_images_size(run):
     labels = rng.integers(0, 10, 21).astype(np.int32)
     source = data.ArraySource(images, labels, sizes)
     kwargs = eval_transform_kwargs(config)
-    got = evaluate.extract_features(model, variables, source, batch_size=8, transform_kwargs=kwargs)
+    got = features.extract_features(model, variables, source, batch_size=8, transform_kwargs=kwargs)
     want = model.apply(
         variables, augment.eval_transform(images, sizes=sizes, **kwargs), train=False
     )
     for name in ("features", "projections"):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
-    result = evaluate.paper_linear_probe(
+    result = paper_probe.paper_linear_probe(
         lambda v, x: model.apply(v, x, train=False)["features"],
         variables,
         source,
@@ -327,7 +341,7 @@ def test_extract_features_of_canvases_use_each_images_size(run):
         got["features"],
         labels,
         num_classes=10,
-        view_kwargs=evaluate.crop_flip_kwargs(config),
+        view_kwargs=paper_probe.crop_flip_kwargs(config),
         epochs=1,
         batch_size=8,
     )
@@ -359,7 +373,7 @@ def test_paper_probe_learns_crop_invariant_synthetic_classes():
     view_kwargs = dict(
         out_size=12, jitter_strength=0.0, jitter_prob=0.0, grayscale_prob=0.0, crop_scale=(0.2, 1.0)
     )
-    result = evaluate.paper_linear_probe(
+    result = paper_probe.paper_linear_probe(
         _histogram_features,
         {},
         train_x,
@@ -394,28 +408,30 @@ def test_paper_protocol_end_to_end(run, tmp_path, mocked):
     assert probe["steps"] == 2 * (MOCK_EXAMPLES // 16)
     assert math.isfinite(probe["train_loss"])
     assert results["settings"]["paper_probe"] == {
-        **evaluate.PAPER_PROBE_DEFAULTS,
+        **eval_settings.PAPER_PROBE_DEFAULTS,
         "epochs": 2,
         "batch_size": 16,
     }
     assert probe["view_kwargs"]["jitter_strength"] == 0.0
     assert probe["view_kwargs"]["crop_scale"] == [0.08, 1.0]
-    assert results["plots"] == dict.fromkeys(evaluate.PLOT_FILENAMES)
+    assert results["plots"] == dict.fromkeys(plots.PLOT_FILENAMES)
 
 
 def test_settings_come_from_the_config_then_the_overrides():
-    config = train.default_config()
+    config = train_config.default_config()
     config.eval.knn_k = 20
     config.eval.protocol = "paper"
-    settings = evaluate.settings_from_config(config)
+    settings = eval_settings.settings_from_config(config)
     assert (settings.knn_k, settings.protocol, settings.knn_temperature) == (20, "paper", 0.1)
-    settings = evaluate.settings_from_config(
+    settings = eval_settings.settings_from_config(
         config, protocol="fast", knn_k=None, paper_probe={"epochs": 3}
     )
     assert (settings.protocol, settings.knn_k) == ("fast", 20)
     assert settings.paper_probe["epochs"] == 3
-    assert settings.paper_probe["learning_rate"] == evaluate.PAPER_PROBE_DEFAULTS["learning_rate"]
-    assert settings.fast_probe == evaluate.FAST_PROBE_DEFAULTS
+    assert (
+        settings.paper_probe["learning_rate"] == eval_settings.PAPER_PROBE_DEFAULTS["learning_rate"]
+    )
+    assert settings.fast_probe == eval_settings.FAST_PROBE_DEFAULTS
     for overrides, match in (
         ({"protocol": "slow"}, r"unknown protocol 'slow'; accepted values are 'fast', 'paper'"),
         ({"knn_k": 0}, r"knn_k must be an integer >= 1; got knn_k = 0"),
@@ -424,4 +440,4 @@ def test_settings_come_from_the_config_then_the_overrides():
         ({"paper_probe": {"lr": 1.0}}, r"paper_probe has no setting 'lr'; accepted: batch_size"),
     ):
         with pytest.raises(ValueError, match=match):
-            evaluate.settings_from_config(config, **overrides)
+            eval_settings.settings_from_config(config, **overrides)

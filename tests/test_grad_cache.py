@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from dhel_jax import grad_cache, losses, metrics, models, parallel, train
+from dhel_jax import grad_cache, losses, metrics, models, parallel, train, train_config
 from dhel_jax.step import GEOMETRY_METRICS
 from tests.kinks import assert_clear_of_kinks, model_apply_pair
 from tests.train_worker import (
@@ -237,7 +237,7 @@ def test_bad_chunk_and_geometry_settings_fail_clearly(changes, match):
     config = tiny_config()
     config.update(changes)
     with pytest.raises(ValueError, match=match):
-        train.validate_config(config, device_count=8, process_count=1)
+        train_config.validate_config(config, device_count=8, process_count=1)
 
 
 def _chunked_config():
@@ -283,7 +283,7 @@ def test_train_step_with_chunks_on_8_devices_is_exact_and_measures_the_batch_geo
     new_state, second = setup.train_step(state, batch)
 
     ref_loss, ref_z, ref_f, ref_grads, ref_stats = _ghost_bn_reference(
-        params, batch_stats, views, train.loss_from_config(config.loss), 8, 2
+        params, batch_stats, views, train_config.loss_from_config(config.loss), 8, 2
     )
     np.testing.assert_allclose(second["loss"], ref_loss, **TOL)
     _assert_trees_close(

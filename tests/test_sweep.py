@@ -347,7 +347,7 @@ def test_differences_robustness_and_tables_of_both_views(tmp_path):
 def test_plot_titles_say_when_the_results_are_partial(tmp_path, monkeypatch):
     titles = []
     monkeypatch.setattr(
-        sweep.report, "_save_png", lambda fig, path: titles.append(fig.get_suptitle())
+        sweep.plots, "_save_png", lambda fig, path: titles.append(fig.get_suptitle())
     )
     results = _synthetic_results(SE_VALUES, "se")  # 3 seeds
     for complete, want in ((True, "mean ± SE over 3 seeds)"), (False, "of 3; partial results)")):

@@ -26,7 +26,7 @@ import pytest
 import tensorflow_datasets as tfds
 from absl import flags
 
-from dhel_jax import checkpointing, cpu, losses, main, parallel, train
+from dhel_jax import checkpointing, cpu, losses, main, parallel, train, train_config
 from tests import train_worker
 from tests.helpers import hash_tree, parse_train_command, truncate_state_arrays
 from tests.train_worker import COMPILER_OPTIONS, MOCK_EXAMPLES, fixed_batch, tiny_config
@@ -101,8 +101,8 @@ def test_loss_config_holds_every_hyperparameter_of_every_loss_as_none():
         "lam": float,
         "block_size": int,
     }
-    assert train.loss_config_fields() == expected
-    loss = train.default_config().loss
+    assert train_config.loss_config_fields() == expected
+    loss = train_config.default_config().loss
     assert set(loss) == {"name", *expected}
     assert all(loss[k] is None for k in expected)
 
@@ -114,7 +114,7 @@ def test_every_config_file_validates_with_every_loss(path):
     spec.loader.exec_module(module)
     for loss in (None, *losses.LOSSES):
         config = module.get_config(loss)
-        train.validate_config(config, device_count=8, process_count=1)
+        train_config.validate_config(config, device_count=8, process_count=1)
         assert config.loss.name == (loss or "dhel")
 
 
@@ -154,7 +154,7 @@ def _bad(**changes):
 )
 def test_bad_config_values_fail_clearly(changes, match):
     with pytest.raises(ValueError, match=match):
-        train.validate_config(_bad(**changes), device_count=8, process_count=1)
+        train_config.validate_config(_bad(**changes), device_count=8, process_count=1)
 
 
 def test_bad_config_fails_before_any_data_or_workdir(tmp_path):

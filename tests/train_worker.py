@@ -34,9 +34,9 @@ COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 def tiny_config():
     """A 2-epoch run of ResNet-tiny on 16x16 views of mocked Fashion-MNIST (8 steps)."""
-    from dhel_jax import train
+    from dhel_jax import train_config
 
-    config = train.default_config()
+    config = train_config.default_config()
     config.dataset = "fashion_mnist"
     config.model.name = "resnet_tiny"
     config.model.head_hidden_dim = 16

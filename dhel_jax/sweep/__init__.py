@@ -72,9 +72,10 @@ not supported (launch ``dhel-train`` on every host yourself).
 
 The package is split by concern: :mod:`~dhel_jax.sweep.grid` (the sweep file and its grid),
 :mod:`~dhel_jax.sweep.runner` (the runs' state on disk, the subprocesses, locks and signals),
-:mod:`~dhel_jax.sweep.stats` (means, standard errors, differences between losses),
-:mod:`~dhel_jax.sweep.report` (aggregation, tables and plots) and :mod:`~dhel_jax.sweep.cli`
-(``dhel-sweep``); their public names are importable from ``dhel_jax.sweep``.
+:mod:`~dhel_jax.sweep.stats` (the metrics, means, standard errors, differences between
+losses), :mod:`~dhel_jax.sweep.report` (aggregation and tables), :mod:`~dhel_jax.sweep.plots`
+(the plots) and :mod:`~dhel_jax.sweep.cli` (``dhel-sweep``); their public names are importable
+from ``dhel_jax.sweep``.
 """
 
 from __future__ import annotations
@@ -100,12 +101,11 @@ from dhel_jax.sweep.grid import (
     select_runs,
     validate_sweep,
 )
+from dhel_jax.sweep.plots import plot_results
 from dhel_jax.sweep.report import (
-    METRICS,
     TABLE_METRICS,
     aggregate,
     markdown,
-    plot_results,
     write_results,
 )
 from dhel_jax.sweep.runner import (
@@ -127,6 +127,7 @@ from dhel_jax.sweep.runner import (
 )
 from dhel_jax.sweep.stats import (
     ERROR_BARS,
+    METRICS,
     RESOLVED_SE,
     baseline_gains,
     differences,

@@ -62,7 +62,7 @@ def _as_dict(value: Any) -> dict[str, Any]:
 
 def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
     """Checks a sweep's fields (see the module docstring), and the training config of one cell
-    of each loss with ``dhel_jax.train.validate_config``.
+    of each loss with ``dhel_jax.train_config.validate_config``.
 
     Raises:
       SweepError: naming the bad field, its value and what is accepted.
@@ -123,42 +123,8 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
             f"sweep.loss_order must list every key of sweep.losses once: {sorted(sweep.losses)}; "
             f"got {order!r}."
         )
-    from dhel_jax import losses
-
     for label, entry in sweep.losses.items():
-        extra = sorted(set(entry) - {"loss", "temperature", "temperatures"})
-        if extra:
-            raise SweepError(
-                f"sweep.losses.{label}: unknown field {extra[0]!r}; accepted: loss, temperature, "
-                "temperatures (only loss fields differ between losses)."
-            )
-        loss = _as_dict(entry.get("loss"))
-        name = loss.get("name")
-        if name not in losses.LOSSES:
-            raise SweepError(
-                f"sweep.losses.{label}.loss.name: unknown loss {name!r}; accepted: "
-                f"{', '.join(losses.LOSSES)}."
-            )
-        temperature = entry.get("temperature")
-        hparams = losses.loss_hyperparameters(name)
-        if temperature not in TEMPERATURES or temperature not in hparams:
-            takes = [k for k in TEMPERATURES if k in hparams]
-            raise SweepError(
-                f"sweep.losses.{label}.temperature: loss {name!r} has no temperature "
-                f"{temperature!r}; use {takes}."
-            )
-        if temperature in loss:
-            raise SweepError(
-                f"sweep.losses.{label}.loss.{temperature} is set; the sweep sets it per run "
-                f"(its temperatures, and the SPEC default {hparams[temperature]} for the "
-                "batch-size view)."
-            )
-        values = tuple(entry.get("temperatures") or ())
-        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        if not values or not numbers or min(values) <= 0:
-            raise SweepError(
-                f"sweep.losses.{label}.temperatures must be positive numbers; got {values!r}."
-            )
+        _validate_loss_entry(label, entry)
     for pair in sweep.get("comparisons") or ():
         if len(pair) != 2 or not all(label in sweep.losses for label in pair):
             raise SweepError(
@@ -186,6 +152,45 @@ def validate_sweep(sweep: ml_collections.ConfigDict) -> None:
 PAPER_LOSS_ORDER = ("simclr", "dcl", "dhel", "kcl")
 # The paper's claims: DHEL and KCL against SimCLR and DCL (``sweep.comparisons``).
 PAPER_COMPARISONS = (("dhel", "simclr"), ("dhel", "dcl"), ("kcl", "simclr"), ("kcl", "dcl"))
+
+
+def _validate_loss_entry(label: str, entry: Any) -> None:
+    """Checks ``sweep.losses[label]``: its fields, its loss and its temperatures."""
+    from dhel_jax import losses
+
+    extra = sorted(set(entry) - {"loss", "temperature", "temperatures"})
+    if extra:
+        raise SweepError(
+            f"sweep.losses.{label}: unknown field {extra[0]!r}; accepted: loss, temperature, "
+            "temperatures (only loss fields differ between losses)."
+        )
+    loss = _as_dict(entry.get("loss"))
+    name = loss.get("name")
+    if name not in losses.LOSSES:
+        raise SweepError(
+            f"sweep.losses.{label}.loss.name: unknown loss {name!r}; accepted: "
+            f"{', '.join(losses.LOSSES)}."
+        )
+    temperature = entry.get("temperature")
+    hparams = losses.loss_hyperparameters(name)
+    if temperature not in TEMPERATURES or temperature not in hparams:
+        takes = [k for k in TEMPERATURES if k in hparams]
+        raise SweepError(
+            f"sweep.losses.{label}.temperature: loss {name!r} has no temperature "
+            f"{temperature!r}; use {takes}."
+        )
+    if temperature in loss:
+        raise SweepError(
+            f"sweep.losses.{label}.loss.{temperature} is set; the sweep sets it per run "
+            f"(its temperatures, and the SPEC default {hparams[temperature]} for the "
+            "batch-size view)."
+        )
+    values = tuple(entry.get("temperatures") or ())
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not values or not numbers or min(values) <= 0:
+        raise SweepError(
+            f"sweep.losses.{label}.temperatures must be positive numbers; got {values!r}."
+        )
 
 
 def paper_losses(
@@ -325,13 +330,13 @@ def run_config(
     sweep: ml_collections.ConfigDict, cell: Cell, seed: int, *, validate: bool = False
 ) -> ml_collections.ConfigDict:
     """The training config of one run (what ``dhel-train`` builds from its command line);
-    ``validate``: also ``dhel_jax.train.validate_config`` on one device."""
+    ``validate``: also ``dhel_jax.train_config.validate_config`` on one device."""
     config = _load_config_file(sweep.config)
     config.update_from_flattened_dict(run_overrides(sweep, cell, seed))
     if validate:
-        from dhel_jax import train
+        from dhel_jax import train_config
 
-        train.validate_config(config, device_count=1, process_count=1)
+        train_config.validate_config(config, device_count=1, process_count=1)
     return config
 
 

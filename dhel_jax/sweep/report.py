@@ -1,11 +1,10 @@
 """A sweep's results: the aggregation of every run's ``eval.json`` over seeds (statistics in
-:mod:`dhel_jax.sweep.stats`), ``NAME.json``, ``NAME.md`` and the plots (see
-:mod:`dhel_jax.sweep`)."""
+:mod:`dhel_jax.sweep.stats`), ``NAME.json`` and ``NAME.md`` (the plots:
+:mod:`dhel_jax.sweep.plots`; see :mod:`dhel_jax.sweep`)."""
 
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import math
 import os
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-import numpy as np
 
 from dhel_jax._config_tree import as_json, flatten
 from dhel_jax._io import write_atomic
@@ -26,6 +24,7 @@ from dhel_jax.sweep.grid import (
     loss_labels,
     make_runs,
 )
+from dhel_jax.sweep.plots import plot_results
 from dhel_jax.sweep.runner import (
     EVAL_FILENAME,
     RECORD_FILENAME,
@@ -38,6 +37,7 @@ from dhel_jax.sweep.runner import (
 from dhel_jax.sweep.stats import (
     BASELINE_METRICS,
     ERROR_BARS,
+    METRICS,
     RESOLVED_SE,
     SENSITIVITY_METRICS,
     baseline_gains,
@@ -48,35 +48,6 @@ from dhel_jax.sweep.stats import (
     summary,
 )
 
-# Aggregated metrics: key -> (path in eval.json, label, scale for display, decimals).
-METRICS: dict[str, tuple[tuple[str, ...], str, float, int]] = {
-    "linear_probe": (("linear_probe", "accuracy"), "Linear-probe accuracy (%)", 100.0, 2),
-    "knn": (("knn", "accuracy"), "kNN accuracy (%)", 100.0, 2),
-    "effective_rank_features": (
-        ("geometry", "features", "effective_rank"),
-        "Effective rank of the features",
-        1.0,
-        1,
-    ),
-    "effective_rank_projections": (
-        ("geometry", "projections", "effective_rank"),
-        "Effective rank of the projections",
-        1.0,
-        1,
-    ),
-    "alignment_projections": (
-        ("geometry", "projections", "alignment"),
-        "Alignment of the projections",
-        1.0,
-        4,
-    ),
-    "wasserstein_uniformity_projections": (
-        ("geometry", "projections", "wasserstein_uniformity"),
-        "W1 uniformity of the projections",
-        1.0,
-        4,
-    ),
-}
 # The metrics that get a table in NAME.md (all are in NAME.json); the ``"se"`` report adds
 # SE_TABLE_METRICS.
 TABLE_METRICS = ("linear_probe", "knn", "effective_rank_features", "effective_rank_projections")
@@ -110,31 +81,10 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
     devices: list[dict[str, Any]] = []
     found_baselines: dict[int, dict[str, Any]] = {}
     for run in runs:
-        cell = run.cell
-        entry = cells.setdefault(
-            cell.name,
-            {
-                "name": cell.name,
-                "loss": cell.loss,
-                "batch_size": cell.batch_size,
-                "temperature_name": cell.temperature_name,
-                "temperature": cell.temperature,
-                "views": list(cell.views),
-                "overrides": dict(cell.overrides),
-                "runs": [],
-            },
-        )
+        entry = cells.setdefault(run.cell.name, _cell_entry(run.cell))
         state = run_state(run, sweep, counter)
         record = _read_json(run.workdir / RECORD_FILENAME) or {"attempts": []}
-        seconds = {"train_seconds": 0.0, "eval_seconds": 0.0}
-        for attempt in record["attempts"]:
-            key = "train_seconds" if attempt["tool"] == "dhel-train" else "eval_seconds"
-            seconds[key] += attempt["seconds"]
-            if attempt.get("started"):
-                start = datetime.datetime.strptime(attempt["started"], STARTED_FORMAT).timestamp()
-                intervals.append((start, start + attempt["seconds"]))
-            if attempt.get("hardware") and attempt["hardware"] not in hosts:
-                hosts.append(attempt["hardware"])
+        seconds = _attempt_seconds(record["attempts"], intervals, hosts)
         for key in wall:
             wall[key] += seconds[key]
         item: dict[str, Any] = {
@@ -158,6 +108,67 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
     for entry in cells.values():
         done = [r for r in entry["runs"] if r["status"] == "done"]
         entry["summary"] = {k: summary([r[k] for r in done]) for k in METRICS}
+    results = {
+        **_sweep_fields(sweep, bars),
+        "cells": list(cells.values()),
+        "views": _views(cells),
+        "comparisons": [list(p) for p in sweep.get("comparisons") or ()],
+        "complete": not missing,
+        "num_runs": len(runs),
+        "missing": missing,
+        "wall_time": {
+            **{k: round(v, 1) for k, v in wall.items()},
+            "total_seconds": round(sum(wall.values()), 1),
+            **_elapsed(intervals),
+        },
+        "hardware": hosts,
+        "devices": devices,
+    }
+    if sweep.get("baselines_cell") or found_baselines:
+        results["baselines_cell"] = sweep.get("baselines_cell")
+        results["baselines"] = [found_baselines[k] for k in sorted(found_baselines)]
+        results["baseline_gains"] = baseline_gains(results)
+    results["differences"] = differences(results)
+    results["robustness"] = robustness(results)
+    results["sensitivity"] = sensitivity(results)
+    return results
+
+
+def _cell_entry(cell: Any) -> dict[str, Any]:
+    """A cell of ``NAME.json`` before its runs are added."""
+    return {
+        "name": cell.name,
+        "loss": cell.loss,
+        "batch_size": cell.batch_size,
+        "temperature_name": cell.temperature_name,
+        "temperature": cell.temperature,
+        "views": list(cell.views),
+        "overrides": dict(cell.overrides),
+        "runs": [],
+    }
+
+
+def _attempt_seconds(
+    attempts: Sequence[Mapping[str, Any]],
+    intervals: list[tuple[float, float]],
+    hosts: list[dict[str, Any]],
+) -> dict[str, float]:
+    """A run's training and evaluation seconds over its attempts; appends each attempt's
+    (start, end) to ``intervals`` and its hardware, when new, to ``hosts``."""
+    seconds = {"train_seconds": 0.0, "eval_seconds": 0.0}
+    for attempt in attempts:
+        key = "train_seconds" if attempt["tool"] == "dhel-train" else "eval_seconds"
+        seconds[key] += attempt["seconds"]
+        if attempt.get("started"):
+            start = datetime.datetime.strptime(attempt["started"], STARTED_FORMAT).timestamp()
+            intervals.append((start, start + attempt["seconds"]))
+        if attempt.get("hardware") and attempt["hardware"] not in hosts:
+            hosts.append(attempt["hardware"])
+    return seconds
+
+
+def _views(cells: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, list[str]]]:
+    """The cells of each view, per loss (the temperature view's by temperature)."""
     views: dict[str, dict[str, list[str]]] = {"batch_size": {}, "temperature": {}}
     for entry in cells.values():
         for view in entry["views"]:
@@ -166,7 +177,12 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
         label: sorted(names, key=lambda n: cells[n]["temperature"])
         for label, names in views["temperature"].items()
     }
-    results = {
+    return views
+
+
+def _sweep_fields(sweep: ml_collections.ConfigDict, bars: str) -> dict[str, Any]:
+    """The fields of ``NAME.json`` that describe the sweep itself."""
+    return {
         "sweep": sweep.name,
         "description": sweep.get("description"),
         "config": os.path.relpath(sweep.config),
@@ -191,28 +207,7 @@ def aggregate(sweep: ml_collections.ConfigDict, runs_dir: str | os.PathLike) -> 
             "difference of the means ± sqrt(SE_a² + SE_b²), seeds treated as independent "
             f"samples, resolved when |difference| > {RESOLVED_SE:g} SE"
         ),
-        "cells": list(cells.values()),
-        "views": views,
-        "comparisons": [list(p) for p in sweep.get("comparisons") or ()],
-        "complete": not missing,
-        "num_runs": len(runs),
-        "missing": missing,
-        "wall_time": {
-            **{k: round(v, 1) for k, v in wall.items()},
-            "total_seconds": round(sum(wall.values()), 1),
-            **_elapsed(intervals),
-        },
-        "hardware": hosts,
-        "devices": devices,
     }
-    if sweep.get("baselines_cell") or found_baselines:
-        results["baselines_cell"] = sweep.get("baselines_cell")
-        results["baselines"] = [found_baselines[k] for k in sorted(found_baselines)]
-        results["baseline_gains"] = baseline_gains(results)
-    results["differences"] = differences(results)
-    results["robustness"] = robustness(results)
-    results["sensitivity"] = sensitivity(results)
-    return results
 
 
 def _elapsed(intervals: Sequence[tuple[float, float]]) -> dict[str, Any]:
@@ -569,140 +564,6 @@ def _se_comparison_lines(results: Mapping[str, Any]) -> list[str]:
                     lines.append(f"| {a} − {b} | {cells(item[metric])} |")
             lines.append("")
     return lines
-
-
-def _save_png(fig: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    write_atomic(path, buffer.getvalue())
-
-
-def _legend(ax: Any, **kwargs: Any) -> None:
-    if ax.get_legend_handles_labels()[0]:  # Nothing to label while runs are missing.
-        ax.legend(**kwargs)
-
-
-def _series(results: Mapping[str, Any], names: Sequence[str], x_key: str, metric: str):
-    cells = {c["name"]: c for c in results["cells"]}
-    scale = METRICS[metric][2]
-    spread = ERROR_BARS[error_bars(results)][0]
-    points = [(cells[n][x_key], cells[n]["summary"][metric]) for n in names]
-    points = [(x, s) for x, s in points if s["n"]]
-    x = np.asarray([p[0] for p in points], float)
-    y = np.asarray([p[1]["mean"] * scale for p in points], float)
-    err = np.asarray([(p[1].get(spread) or 0.0) * scale for p in points], float)
-    return x, y, err
-
-
-def plot_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> dict[str, str]:
-    """Writes ``NAME_batch_size.png`` (linear-probe and kNN accuracy against log B),
-    ``NAME_temperature.png``, ``NAME_effective_rank.png`` and ``NAME_geometry.png`` (effective
-    rank and W1 uniformity of the projections against log B); error bars: the standard error
-    of the mean, or the sample standard deviation for an ``"sd"`` report (:func:`error_bars`).
-    Returns their paths."""
-    from matplotlib.figure import Figure
-
-    out = Path(results_dir)
-    name = results["sweep"]
-    seeds = len(results["seeds"])
-    paths = {}
-    colours = {loss: f"C{i}" for i, loss in enumerate(results["losses"])}
-    spread, short, _ = ERROR_BARS[error_bars(results)]
-    note = f"mean ± {short} over {seeds} seed{'s' * (seeds > 1)}"
-    if not results["complete"]:  # a cell may have fewer: the tables say how many
-        note = f"mean ± {short} over the seeds finished, of {seeds}; partial results"
-
-    batch_view = results["views"]["batch_size"]
-
-    def against_batch_size(metrics: Sequence[str], title: str, key: str) -> None:
-        fig = Figure(figsize=(11, 4.2))
-        for ax, metric in zip(fig.subplots(1, len(metrics)), metrics, strict=True):
-            for loss, names in batch_view.items():
-                x, y, err = _series(results, names, "batch_size", metric)
-                if x.size:
-                    ax.errorbar(
-                        x, y, yerr=err, marker="o", capsize=3, color=colours[loss], label=loss
-                    )
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(results["batch_sizes"], [str(b) for b in results["batch_sizes"]])
-            ax.set_xlabel("batch size (log scale)")
-            w1 = metric == "wasserstein_uniformity_projections"
-            ax.set_ylabel(METRICS[metric][1] + (" (0: uniform)" if w1 else ""))
-            ax.grid(True, alpha=0.3)
-            _legend(ax)
-        fig.suptitle(f"{name}: {title} vs batch size (default temperature; {note})")
-        paths[key] = out / f"{name}_{key}.png"
-        _save_png(fig, paths[key])
-
-    against_batch_size(("linear_probe", "knn"), "accuracy", "batch_size")
-
-    temp_view = results["views"]["temperature"]
-    groups: dict[str, list[str]] = {}
-    for loss in temp_view:
-        groups.setdefault(results["losses"][loss]["temperature"], []).append(loss)
-    fig = Figure(figsize=(5.5 * max(1, len(groups)), 4.2))
-    axes = np.atleast_1d(fig.subplots(1, max(1, len(groups))))
-    for ax, (tname, group) in zip(axes, groups.items(), strict=False):
-        for loss in group:
-            for metric, style in (("linear_probe", "-"), ("knn", "--")):
-                x, y, err = _series(results, temp_view[loss], "temperature", metric)
-                if x.size:
-                    ax.errorbar(
-                        x,
-                        y,
-                        yerr=err,
-                        marker="o",
-                        ls=style,
-                        capsize=3,
-                        color=colours[loss],
-                        label=f"{loss}, {'linear probe' if metric == 'linear_probe' else 'kNN'}",
-                    )
-        ax.set_xscale("log")
-        values = sorted({v for loss in group for v in results["losses"][loss]["temperatures"]})
-        ax.set_xticks(values, [_num(v) for v in values])
-        ax.set_xticks([], minor=True)  # no log-scale minor labels (3x10^-1) between them
-        ax.set_xlabel(f"temperature {tname}")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(True, alpha=0.3)
-        _legend(ax, fontsize=8, handlelength=4)  # long enough to show kNN's dashes
-    fig.suptitle(
-        f"{name}: accuracy vs temperature (batch {results['temperature_batch_size']}; {note})"
-    )
-    paths["temperature"] = out / f"{name}_temperature.png"
-    _save_png(fig, paths["temperature"])
-
-    fig = Figure(figsize=(11, 4.2))
-    cells = {c["name"]: c for c in results["cells"]}
-    batches = results["batch_sizes"]
-    width = 0.8 / len(batches)
-    for ax, metric in zip(
-        fig.subplots(1, 2), ("effective_rank_features", "effective_rank_projections"), strict=True
-    ):
-        for j, batch in enumerate(batches):
-            heights, errs = [], []
-            for names in batch_view.values():
-                s = next(
-                    (cells[n]["summary"][metric] for n in names if cells[n]["batch_size"] == batch),
-                    None,
-                )
-                heights.append(s["mean"] if s and s["n"] else np.nan)
-                errs.append((s.get(spread) or 0.0) if s and s["n"] else 0.0)
-            xs = np.arange(len(batch_view)) + (j - (len(batches) - 1) / 2) * width
-            ax.bar(xs, heights, width, yerr=errs, capsize=2, label=f"B = {batch}")
-        ax.set_xticks(np.arange(len(batch_view)), list(batch_view))
-        ax.set_ylabel(METRICS[metric][1].replace("Effective rank of the", "effective rank,"))
-        ax.grid(True, axis="y", alpha=0.3)
-        _legend(ax, fontsize=8)
-    fig.suptitle(f"{name}: effective rank per loss (default temperature; {note})")
-    paths["effective_rank"] = out / f"{name}_effective_rank.png"
-    _save_png(fig, paths["effective_rank"])
-
-    against_batch_size(
-        ("effective_rank_projections", "wasserstein_uniformity_projections"),
-        "geometry of the projections",
-        "geometry",
-    )
-    return {k: os.fspath(v) for k, v in paths.items()}
 
 
 def write_results(results: Mapping[str, Any], results_dir: str | os.PathLike) -> dict[str, str]:

@@ -12,6 +12,26 @@ from typing import Any
 
 import numpy as np
 
+# Aggregated metrics: key -> (path in eval.json, label, scale for display, decimals).
+METRICS: dict[str, tuple[tuple[str, ...], str, float, int]] = {
+    "linear_probe": (("linear_probe", "accuracy"), "Linear-probe accuracy (%)", 100.0, 2),
+    "knn": (("knn", "accuracy"), "kNN accuracy (%)", 100.0, 2),
+    # The geometry of one output: eval.json["geometry"][output][metric].
+    **{
+        f"{metric}_{output}": (
+            ("geometry", output, metric),
+            f"{label} of the {output}",
+            1.0,
+            digits,
+        )
+        for metric, output, label, digits in (
+            ("effective_rank", "features", "Effective rank", 1),
+            ("effective_rank", "projections", "Effective rank", 1),
+            ("alignment", "projections", "Alignment", 4),
+            ("wasserstein_uniformity", "projections", "W1 uniformity", 4),
+        )
+    },
+}
 # What the ± of a cell is (``sweep.error_bars``): the standard error of the mean over seeds, or
 # the sample standard deviation over seeds (the first study's report, results/fmnist_cpu.md).
 ERROR_BARS = {
