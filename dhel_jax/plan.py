@@ -267,8 +267,9 @@ def compile_plan(
     counts = plan_counts(config)
     setup = train.make_training(config, mesh, counts)
 
+    step: Any = setup.train_step  # jax.jit's wrapper (lower, trace)
     start = time.perf_counter()
-    lowered = setup.train_step.lower(setup.abstract_state(), batch_structs(config, setup))
+    lowered = step.lower(setup.abstract_state(), batch_structs(config, setup))
     chip = CHIPS.get(device_kind)
     plan: dict[str, Any] = {
         "topology": topology_name,
@@ -368,8 +369,9 @@ def lower_for(config: ml_collections.ConfigDict, platform: str, *, geometry: boo
     train.validate_config(config, device_count=1, process_count=1)
     mesh = parallel.data_mesh(jax.devices()[:1])
     setup = train.make_training(config, mesh, plan_counts(config))
+    step: Any = setup.train_step
     start = time.perf_counter()
-    traced = setup.train_step.trace(setup.abstract_state(), batch_structs(config, setup))
+    traced = step.trace(setup.abstract_state(), batch_structs(config, setup))
     text = traced.lower(lowering_platforms=(platform,)).as_text()
     return {
         "platform": platform,
