@@ -25,6 +25,9 @@ Before JAX starts its backends, ``dhel-train``
 
 ``dhel-eval`` does the same before it starts JAX, except that without ``--cpu_devices`` it splits
 the host into one device per core (inference needs no collectives, and runs faster so).
+
+``dhel-compile --config configs/imagenet100.py --topology v5e:2x4 [--out plan.json]`` compiles
+the config's train step for a TPU slice on this host, with no TPU (:mod:`dhel_jax.plan`).
 """
 
 from __future__ import annotations
