@@ -521,11 +521,16 @@ def _compile(argv: list[str]) -> None:
     if memory.get("fits") is False:
         gib = 2**30
         hbm = memory.get("usable_hbm_bytes") or memory["hbm_bytes"]
+        if memory["total_bytes"] is None or hbm is None:
+            needs = f"the step does not fit a {result['device_kind']}'s HBM ({memory['compiler']})"
+        else:
+            needs = (
+                f"the step needs {memory['total_bytes'] / gib:.2f} GiB per chip and a "
+                f"{result['device_kind']} has {hbm / gib:.2f} GiB of HBM"
+            )
         _write_error(
             prog,
-            f"the step needs {memory['total_bytes'] / gib:.2f} GiB per chip and a "
-            f"{result['device_kind']} has {hbm / gib:.2f} GiB of HBM; lower "
-            f"config.batch_size, use --config.model.dtype=bfloat16 or "
+            f"{needs}; lower config.batch_size, use --config.model.dtype=bfloat16 or "
             f"--config.embedding_chunks, or more chips.",
         )
         raise _ErrorExit(EXIT_FAILURE)

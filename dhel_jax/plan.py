@@ -287,19 +287,24 @@ def compile_plan(
     try:
         compiled = lowered.compile()
     except Exception as e:  # JaxRuntimeError; libtpu refuses a program larger than the HBM
-        oom = _HBM_OOM.search(str(e))
-        if oom is None:
+        message = str(e)
+        oom = _HBM_OOM.search(message)
+        if oom is None and "Ran out of memory" not in message:
             raise
-        needed, available = (float(oom.group(i)) * _UNITS[oom.group(i + 1)] for i in (1, 3))
+        needed = available = None
+        if oom is not None:
+            needed, available = (
+                int(float(oom.group(i)) * _UNITS[oom.group(i + 1)]) for i in (1, 3)
+            )
         plan["compile_seconds"] = round(time.perf_counter() - start, 2)
         plan["memory"] = {
             "argument_bytes": None,
             "output_bytes": None,
-            "temp_bytes": int(needed),
+            "temp_bytes": needed,
             "code_bytes": None,
-            "total_bytes": int(needed),
-            "hbm_bytes": chip.hbm_bytes if chip else int(available),
-            "usable_hbm_bytes": int(available),
+            "total_bytes": needed,
+            "hbm_bytes": chip.hbm_bytes if chip else available,
+            "usable_hbm_bytes": available,
             "fits": False,
             "compiler": str(e).strip().splitlines()[0],
         }
@@ -398,10 +403,15 @@ def summary(plan: Mapping[str, Any]) -> str:
         f"{plan['dataset']} {plan['model']} {plan['dtype']}, batch {plan['batch_size']} on "
         f"{plan['topology']} ({plan['num_devices']} x {plan['device_kind']}), compiled in "
         f"{plan['compile_seconds']:.1f} s",
-        f"memory per chip: {m['total_bytes'] * gib:.2f} GiB of {hbm} "
-        f"(temporaries {m['temp_bytes'] * gib:.2f} GiB): "
-        f"{'fits' if m['fits'] else 'does not fit' if m['fits'] is False else 'unknown'}",
     ]
+    if m["total_bytes"] is None:
+        lines.append(f"memory per chip: does not fit ({m.get('compiler', 'not compiled')})")
+    else:
+        lines.append(
+            f"memory per chip: {m['total_bytes'] * gib:.2f} GiB of {hbm} "
+            f"(temporaries {m['temp_bytes'] * gib:.2f} GiB): "
+            f"{'fits' if m['fits'] else 'does not fit' if m['fits'] is False else 'unknown'}"
+        )
     if plan["flops_per_device"] is not None:
         lines.append(f"FLOPs per chip and step: {plan['flops_per_device']:.4g}")
     if e["step_seconds"] is None:
