@@ -263,8 +263,12 @@ def crop_and_resize_in(
     scale_h, scale_w = out_h / crop_h, out_w / crop_w
     rows = _resize_weights(size[0], image.shape[0], out_h, scale_h, -top * scale_h)
     cols = _resize_weights(size[1], image.shape[1], out_w, scale_w, -left * scale_w)
-    x = jnp.einsum("hwc,ho->owc", image, rows, precision=jax.lax.Precision.HIGHEST)
-    return jnp.einsum("owc,wp->opc", x, cols, precision=jax.lax.Precision.HIGHEST)
+    # HIGH: three bfloat16 passes on a TPU (XLA:CPU computes float32 whatever the precision).
+    # 8-bit pixels are exact in bfloat16 and the weights keep 16 bits, an error below 0.01 of
+    # a grey level; HIGHEST's six passes cost the ImageNet-100 step 0.5M more TPU cycles
+    # (docs/accelerators.md, "What holds the MFU down").
+    x = jnp.einsum("hwc,ho->owc", image, rows, precision=jax.lax.Precision.HIGH)
+    return jnp.einsum("owc,wp->opc", x, cols, precision=jax.lax.Precision.HIGH)
 
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)

@@ -25,11 +25,15 @@ Before JAX starts its backends, ``dhel-train``
 
 ``dhel-eval`` does the same before it starts JAX, except that without ``--cpu_devices`` it splits
 the host into one device per core (inference needs no collectives, and runs faster so).
+
+``dhel-compile --config configs/imagenet100.py --topology v5e:2x4 [--out plan.json]`` compiles
+the config's train step for a TPU slice on this host, with no TPU (:mod:`dhel_jax.plan`).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import re
@@ -69,9 +73,8 @@ def _define_shared_flags() -> None:
     )
 
 
-def define_train_flags() -> None:
-    """Defines dhel-train's flags (once; :func:`train_main` does it before parsing)."""
-    _define_shared_flags()
+def _define_config_flag() -> None:
+    """``--config`` (dhel-train and dhel-compile)."""
     if "config" in flags.FLAGS:
         return
     config_flags.DEFINE_config_file(
@@ -81,6 +84,14 @@ def define_train_flags() -> None:
         "fields with --config.<field>=<value>.",
         lock_config=True,
     )
+
+
+def define_train_flags() -> None:
+    """Defines dhel-train's flags (once; :func:`train_main` does it before parsing)."""
+    _define_shared_flags()
+    _define_config_flag()
+    if "distributed" in flags.FLAGS:
+        return
     flags.DEFINE_enum(
         "distributed",
         "auto",
@@ -431,3 +442,110 @@ def eval_main() -> None:
     steps; a bad setting with status 2.
     """
     _run("dhel-eval", _eval, define_eval_flags)
+
+
+# ----------------------------------------------------------------------------------------------
+# dhel-compile (dhel_jax.plan): the train step compiled for a TPU topology, on any host.
+
+
+def define_compile_flags() -> None:
+    """Defines dhel-compile's flags (once; :func:`compile_main` does it before parsing)."""
+    _define_config_flag()
+    if "topology" in flags.FLAGS:
+        return
+    flags.DEFINE_string(
+        "topology", None, "TPU topology to compile for, e.g. v5e:2x4, v5p:2x2x2, v6e:2x4."
+    )
+    flags.DEFINE_string("out", None, "Also write the plan as JSON to this file.")
+    flags.DEFINE_enum(
+        "platform",
+        "tpu",
+        ["tpu", "cuda"],
+        "tpu: compile for --topology (libtpu) and report memory and the cost model's estimate; "
+        "cuda: only lower the step for CUDA on this host, as a smoke check.",
+    )
+    flags.DEFINE_boolean(
+        "geometry",
+        False,
+        "Keep the config's online-geometry branch (config.geometry_every_steps) in the "
+        "compiled step; by default it is left out.",
+    )
+
+
+def _compile(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config, topology = flags.FLAGS.config, flags.FLAGS.topology
+    platform = flags.FLAGS.platform
+    if config is None or (platform == "tpu" and not topology):
+        raise app.UsageError(
+            "usage: dhel-compile --config configs/imagenet100.py --topology v5e:2x4 "
+            "[--config.<field>=<value> ...] [--out plan.json] [--platform cuda]"
+        )
+    # Deviceless: the TPU is only a compile target, so JAX runs nothing but its CPU backend,
+    # and libtpu opens no chip: its one-process lock (/tmp/libtpu_lockfile, which guards the
+    # chips) is not needed, and several plans may compile side by side.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    import jax  # already imported by the config file; no backend has started yet
+
+    from dhel_jax import plan as plan_lib
+
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+
+    prog = "dhel-compile"
+    try:
+        if platform == "tpu":
+            result, _ = plan_lib.compile_plan(config, topology, geometry=flags.FLAGS.geometry)
+            text = plan_lib.summary(result)
+        else:
+            result = plan_lib.lower_for(config, platform, geometry=flags.FLAGS.geometry)
+            text = f"lowered for {platform} ({result['convolutions']} convolutions); not compiled"
+    except (plan_lib.PlanError, ValueError) as e:
+        _exit_with_error(prog, e, EXIT_USAGE)
+    print(json.dumps(result, indent=2))
+    print(text)
+    if flags.FLAGS.out:
+        try:
+            with open(flags.FLAGS.out, "w") as f:
+                json.dump(result, f, indent=2)
+                f.write("\n")
+        except OSError as e:
+            _exit_with_error(
+                prog,
+                e,
+                EXIT_FAILURE,
+                refused_write_message(e, "--out", "the plan printed above is"),
+            )
+    memory = result.get("memory", {})
+    if memory.get("fits") is False:
+        gib = 2**30
+        hbm = memory.get("usable_hbm_bytes") or memory["hbm_bytes"]
+        if memory["total_bytes"] is None or hbm is None:
+            needs = f"the step does not fit a {result['device_kind']}'s HBM ({memory['compiler']})"
+        else:
+            needs = (
+                f"the step needs {memory['total_bytes'] / gib:.2f} GiB per chip and a "
+                f"{result['device_kind']} has {hbm / gib:.2f} GiB of HBM"
+            )
+        _write_error(
+            prog,
+            f"{needs}; lower config.batch_size, use --config.model.dtype=bfloat16 or "
+            f"--config.embedding_chunks, or more chips.",
+        )
+        raise _ErrorExit(EXIT_FAILURE)
+
+
+def compile_main() -> None:
+    """The ``dhel-compile`` console script::
+
+        dhel-compile --config configs/imagenet100.py --topology v5e:2x4
+            [--config.<field>=<value> ...] [--out plan.json] [--platform cuda]
+
+    compiles the config's train step for that TPU topology on this host
+    (:func:`dhel_jax.plan.compile_plan`), prints the plan as JSON and a summary, and writes the
+    JSON to ``--out``. A step that does not fit the chip's HBM exits with status 1 after one
+    line naming the memory needed and the memory there is; an unknown topology, a missing
+    libtpu or a bad config with status 2.
+    """
+    _run("dhel-compile", _compile, define_compile_flags)

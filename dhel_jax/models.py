@@ -255,12 +255,17 @@ def conv_general_dilated(
     precision: Any = None,
     **kwargs: Any,
 ) -> Array:
-    """``jax.lax.conv_general_dilated`` whose gradients are NHWC/HWIO convolutions too.
+    """``jax.lax.conv_general_dilated`` whose gradients, in CPU programs, are NHWC/HWIO
+    convolutions too.
 
     The value, and the gradients to float round-off, are those of ``jax.lax``. For undilated,
     ungrouped NHWC/HWIO convolutions with explicit padding (every convolution of these ResNets,
     "SAME"/"VALID" padding included) a custom VJP writes both gradients as NHWC/HWIO
-    convolutions (:func:`_kernel_grad`, :func:`_input_grad`):
+    convolutions (:func:`_kernel_grad`, :func:`_input_grad`) in programs lowered for the CPU
+    (``jax.lax.platform_dependent``: the platform the program is lowered for, never the host's
+    default backend). TPU and GPU programs keep ``jax.lax``'s own gradients, which their
+    compilers lay out themselves: on a TPU the custom VJP costs 4-7% of the step and up to 22%
+    more temporaries (docs/accelerators.md, "Planning a TPU run"). On the CPU:
 
     * ``jax.lax``'s own transposes are convolutions with other dimension numbers (kernel
       gradient ``f01b_i01o->01bf``, input gradient ``b01f_01oi->b01f``). XLA:CPU rewrites them
@@ -302,7 +307,17 @@ def conv_general_dilated(
     if isinstance(padding, str):  # "SAME" / "VALID"
         padding = jax.lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv(lhs, rhs, tuple(int(s) for s in window_strides), pads)
+    strides = tuple(int(s) for s in window_strides)
+    # Chosen per lowering platform, not by the host's backend: a program lowered for "tpu" or
+    # "cuda" on a CPU host (dhel-compile) gets XLA's own gradients too.
+    return jax.lax.platform_dependent(
+        lhs,
+        rhs,
+        cpu=lambda x, w: _conv(x, w, strides, pads),
+        default=lambda x, w: jax.lax.conv_general_dilated(
+            x, w, strides, pads, dimension_numbers=_NHWC
+        ),
+    )
 
 
 # He (Kaiming) normal with fan_out, as torchvision initialises ResNet convolutions.

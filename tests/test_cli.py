@@ -1,5 +1,5 @@
-"""The command-line tools' flags: each of dhel-train and dhel-eval defines, and lists in its help,
-its own flags and none of the other's."""
+"""The command-line tools' flags: each of dhel-train, dhel-eval and dhel-compile defines, and
+lists in its help, its own flags and none of the others'."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from dhel_jax import main
 TRAIN_ONLY = ("config", "distributed")
 EVAL_ONLY = ("step", "protocol", "out_dir", "data_dir", "paper_epochs", "baselines")
 SHARED = ("workdir", "cpu_devices")
-ENTRY_POINTS = {"dhel-train": "train_main", "dhel-eval": "eval_main"}
+COMPILE_ONLY = ("topology", "out", "platform", "geometry")
+ENTRY_POINTS = {
+    "dhel-train": "train_main",
+    "dhel-eval": "eval_main",
+    "dhel-compile": "compile_main",
+}
 
 
 def _start(tool: str, *args: str) -> subprocess.Popen:
@@ -33,8 +38,16 @@ def _listed(text: str) -> set[str]:
 
 
 def test_each_tool_lists_only_its_own_flags():
-    own = {"dhel-train": {*TRAIN_ONLY, *SHARED}, "dhel-eval": {*EVAL_ONLY, *SHARED}}
-    other = {"dhel-train": set(EVAL_ONLY), "dhel-eval": set(TRAIN_ONLY)}
+    own = {
+        "dhel-train": {*TRAIN_ONLY, *SHARED},
+        "dhel-eval": {*EVAL_ONLY, *SHARED},
+        "dhel-compile": {"config", *COMPILE_ONLY},
+    }
+    other = {
+        "dhel-train": {*EVAL_ONLY, *COMPILE_ONLY},
+        "dhel-eval": {*TRAIN_ONLY, *COMPILE_ONLY},
+        "dhel-compile": {*EVAL_ONLY, *SHARED, "distributed"},
+    }
     # Started together: each is a Python start-up (~2 s), not a computation.
     procs = {
         (tool, option): _start(tool, option)

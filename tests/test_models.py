@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
 
@@ -567,3 +568,56 @@ def test_resnet_gradient_in_a_loop_compiles_to_nhwc_hwio_convolutions_only(monke
     assert labels() == {"b01f_01io->b01f"}
     monkeypatch.setattr(models, "conv_general_dilated", jax.lax.conv_general_dilated)
     assert labels() - {"b01f_01io->b01f"}  # e.g. the kernel gradients' f01b_i01o->01bf
+
+
+def _lowered_convolutions(text: str) -> collections.Counter:
+    """Dimension numbers of every ``stablehlo.convolution`` in a lowered module's text."""
+    return collections.Counter(
+        re.findall(
+            r"stablehlo\.convolution\(.*?dim_numbers = (\[[^\]]*\]x\[[^\]]*\]->\[[^\]]*\])",
+            text,
+        )
+    )
+
+
+def _image_transposes(text: str) -> list[str]:
+    """The ``stablehlo.transpose`` ops of 4-D (image or kernel) arrays in a module's text."""
+    return re.findall(r"stablehlo\.transpose .*dims = \[\d, \d, \d, \d\]", text)
+
+
+def test_resnet_gradient_lowers_to_the_custom_vjp_for_cpu_and_to_xla_gradients_for_tpu():
+    """The platform the program is lowered for, not the host's backend, picks the convolution
+    gradients: lowered for "cpu" the ResNet gradient holds NHWC/HWIO convolutions only (the
+    custom VJP); lowered for "tpu" (or "cuda") on this CPU-only host, jax.lax's own transposes
+    (kernel gradient f01b_i01o->01bf, input gradient with the kernel's feature axes swapped) and
+    no layout transposes. No device of either kind is needed to lower."""
+    model = models.get_model("resnet_tiny", head_hidden_dim=8, head_out_dim=4)
+    x = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), False))
+
+    def loss(params, batch_stats, x):
+        out, _ = model.apply(
+            {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(out["projections"])
+
+    traced = jax.jit(jax.grad(loss)).trace(variables["params"], variables["batch_stats"], x)
+    kernels = sum(leaf.ndim == 4 for leaf in jax.tree.leaves(variables["params"]["encoder"]))
+    nhwc = "[b, 0, 1, f]x[0, 1, i, o]->[b, 0, 1, f]"
+
+    cpu_text = traced.lower(lowering_platforms=("cpu",)).as_text()
+    cpu = _lowered_convolutions(cpu_text)
+    assert set(cpu) == {nhwc}
+    # Forward, kernel and input gradients, the strided ones phase by phase.
+    assert cpu[nhwc] > 3 * kernels - 1
+    assert _image_transposes(cpu_text)
+
+    for platform in ("tpu", "cuda"):
+        text = traced.lower(lowering_platforms=(platform,)).as_text()
+        convolutions = _lowered_convolutions(text)
+        assert convolutions == {
+            nhwc: kernels,  # the forward pass
+            "[f, 0, 1, b]x[i, 0, 1, o]->[0, 1, b, f]": kernels,  # kernel gradients
+            "[b, 0, 1, f]x[0, 1, o, i]->[b, 0, 1, f]": kernels - 1,  # input gradients, no stem
+        }, platform
+        assert not _image_transposes(text), platform
