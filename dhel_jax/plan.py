@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from dhel_jax import data, parallel, train
+from dhel_jax import data, parallel, train, train_config
 
 
 class PlanError(Exception):
@@ -261,7 +261,7 @@ def compile_plan(
     config = _planned_config(config, geometry)
     num_devices = len(topology.devices)
     processes = len({d.process_index for d in topology.devices})
-    train.validate_config(config, device_count=num_devices, process_count=processes)
+    train_config.validate_config(config, device_count=num_devices, process_count=processes)
     device_kind = topology.devices[0].device_kind
     mesh = topology_mesh(topology)
     counts = plan_counts(config)
@@ -371,7 +371,7 @@ def lower_for(config: ml_collections.ConfigDict, platform: str, *, geometry: boo
     """Lowers ``config``'s train step for ``platform`` (e.g. ``"cuda"``) on this host, as a
     smoke check: no compile, no figures; a one-device mesh of this host's first device."""
     config = _planned_config(config, geometry)
-    train.validate_config(config, device_count=1, process_count=1)
+    train_config.validate_config(config, device_count=1, process_count=1)
     mesh = parallel.data_mesh(jax.devices()[:1])
     setup = train.make_training(config, mesh, plan_counts(config))
     step: Any = setup.train_step
