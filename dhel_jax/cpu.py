@@ -26,7 +26,7 @@ CPU_XLA_FLAGS = {
 # The jaxlib minor series whose XLA was checked to accept both flags with these values (jaxlib
 # 0.10.2, 0.11.2, 0.12.0.1 and 0.12.1): an XLA that does not know a flag (or a value) in
 # XLA_FLAGS aborts at start-up, so on any other series none is added. Add a series only after
-# checking it; tests/test_train.py runs a train step with the flags on the installed jaxlib.
+# checking it; tests/test_train.py runs a train step with the flags on the jaxlib installed.
 _CPU_FLAGS_JAXLIB_SERIES = frozenset({(0, 10), (0, 11), (0, 12)})
 
 _ACCELERATOR_PLUGINS = (
