@@ -210,23 +210,30 @@ def _compiled_flops(compiled: Any) -> float | None:
     return float(flops) if flops and flops > 0 else None
 
 
-def compiler_estimate(cost: dict[str, Any]) -> dict[str, Any]:
-    """The compiler's own estimate of one run of a program, from its ``cost_analysis()``.
+def compiler_estimate(cost: dict[str, Any], hlo_text: str = "") -> dict[str, Any]:
+    """The compiler's own estimate of one run of a program, from its ``cost_analysis()`` and,
+    for a TPU program, its HLO text.
 
     Returns ``{"step_s": seconds or None, "flops": FLOPs or None, "reason": None or why there
-    is no estimate}``. ``optimal_seconds`` (the TPU cost model's time) counts only when it is
-    present, finite and positive: the TPU compiler has given negative values for whole train
-    steps (issue 27), which are not a time.
+    is no estimate}``. ``optimal_seconds`` (the TPU cost model's time) gets back the second it
+    takes off per ``ConcatBitcast`` call (``dhel_jax.cost_model``, as dhel-compile does) and
+    counts only when the result is finite and positive.
     """
+    from dhel_jax import cost_model
+
     flops = cost.get("flops")
     flops = float(flops) if flops is not None and math.isfinite(flops) and flops > 0 else None
     seconds = cost.get("optimal_seconds")
     if seconds is None:
         reason = "the compiler's cost analysis gives no optimal_seconds"
-    elif not math.isfinite(seconds) or seconds <= 0:
-        reason = f"the compiler's cost analysis gives optimal_seconds = {seconds!r}, not a time"
     else:
-        return {"step_s": float(seconds), "flops": flops, "reason": None}
+        corrected, untimed = cost_model.corrected_seconds(seconds, hlo_text)
+        if math.isfinite(corrected) and corrected > 0:
+            return {"step_s": corrected, "flops": flops, "reason": None}
+        added = f" (+{untimed} s for {untimed} ConcatBitcast calls)" if untimed else ""
+        reason = (
+            f"the compiler's cost analysis gives optimal_seconds = {seconds!r}{added}, not a time"
+        )
     return {"step_s": None, "flops": flops, "reason": reason}
 
 
@@ -573,7 +580,7 @@ def measure_step(
         row["tflops_per_s"] = row["flops_per_step"] / seconds / 1e12
         row["mfu"] = None if peak is None else row["flops_per_step"] / seconds / peak
     if mesh.devices.flat[0].platform == "tpu":
-        row["compiler_estimate"] = compiler_estimate(cost)
+        row["compiler_estimate"] = compiler_estimate(cost, stepper.step.as_text())
         row["compiler_estimate"]["line"] = estimate_line(seconds, row["compiler_estimate"])
         print(f"train_step {dtype} batch {batch}: {row['compiler_estimate']['line']}", flush=True)
     return row

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from dhel_jax import data, parallel, train, train_config
+from dhel_jax import cost_model, data, parallel, train, train_config
 
 
 class PlanError(Exception):
@@ -83,8 +83,6 @@ _HBM_OOM = re.compile(
     r"required for HLO temporaries \(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)"
 )
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-# The custom calls the cost model counts as -1 s each (see the module docstring).
-_UNTIMED_CUSTOM_CALL = re.compile(r'custom_call_target="ConcatBitcast"')
 
 
 def libtpu_available() -> bool:
@@ -201,7 +199,7 @@ def estimate(
     ``reason``, when the cost model gives no time or one below the roofline bound.
     """
     raw = cost.get("optimal_seconds")
-    untimed = len(_UNTIMED_CUSTOM_CALL.findall(hlo_text))
+    untimed = cost_model.untimed_custom_calls(hlo_text)
     flops = float(cost.get("flops", 0.0))
     bytes_accessed = float(cost.get("bytes accessed", 0.0))
     bound = max(flops / chip.peak_flops, bytes_accessed / chip.hbm_bytes_per_second)
@@ -217,7 +215,7 @@ def estimate(
     if raw is None:
         result["reason"] = "the cost model gave no optimal_seconds"
         return result
-    seconds = float(raw) + untimed
+    seconds, _ = cost_model.corrected_seconds(raw, hlo_text)
     if seconds <= 0 or seconds < bound:
         result["reason"] = (
             f"the cost model's time {float(raw):.6g} s (+{untimed} s for {untimed} ConcatBitcast "

@@ -193,6 +193,13 @@ def test_compiler_estimate_is_a_positive_time_or_null_with_the_reason():
         "measured 12.50 ms/step vs compiler estimate null (the compiler's cost analysis gives "
         "optimal_seconds = -3.9883, not a time)"
     )
+    # A whole TPU step: -1 s per ConcatBitcast call, added back as dhel-compile does.
+    hlo = 'x = f32[8] custom-call(y), custom_call_target="ConcatBitcast"\n' * 4
+    assert check.compiler_estimate({"optimal_seconds": -3.9883}, hlo)["step_s"] == pytest.approx(
+        0.0117
+    )
+    still = check.compiler_estimate({"optimal_seconds": -4.5}, hlo)
+    assert still["step_s"] is None and "(+4 s for 4 ConcatBitcast calls)" in still["reason"]
     for cost in ({"flops": 1.0, "optimal_seconds": float("nan")}, {"optimal_seconds": 0.0}):
         assert check.compiler_estimate(cost)["step_s"] is None
     missing = check.compiler_estimate({"flops": -1.0})
