@@ -227,7 +227,8 @@ def compiler_estimate(cost: dict[str, Any], hlo_text: str = "") -> dict[str, Any
     if seconds is None:
         reason = "the compiler's cost analysis gives no optimal_seconds"
     else:
-        corrected, untimed = cost_model.corrected_seconds(seconds, hlo_text)
+        untimed = cost_model.untimed_custom_calls(hlo_text)
+        corrected = cost_model.corrected_seconds(seconds, untimed)
         if math.isfinite(corrected) and corrected > 0:
             return {"step_s": corrected, "flops": flops, "reason": None}
         added = f" (+{untimed} s for {untimed} ConcatBitcast calls)" if untimed else ""

@@ -215,7 +215,7 @@ def estimate(
     if raw is None:
         result["reason"] = "the cost model gave no optimal_seconds"
         return result
-    seconds, _ = cost_model.corrected_seconds(raw, hlo_text)
+    seconds = cost_model.corrected_seconds(raw, untimed)
     if seconds <= 0 or seconds < bound:
         result["reason"] = (
             f"the cost model's time {float(raw):.6g} s (+{untimed} s for {untimed} ConcatBitcast "
