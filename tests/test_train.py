@@ -633,8 +633,11 @@ def test_cpu_xla_flags_keep_a_train_step_within_float32_round_off(tmp_path):
         # A cache of its own per variant: a shared one could hand one variant the other's program.
         env = _env(str(tmp_path / f"cache_{name}"), XLA_FLAGS=xla_flags)
         out = tmp_path / f"{name}.npz"
+        # The run with XLA's defaults also checks that the two steps stay clear of the
+        # network's ReLU kinks, where the two variants' round-off could take different sides.
+        kinks = ["check-kinks"] if name == "default" else []
         proc = subprocess.run(
-            [sys.executable, str(WORKER), "step", str(out)],
+            [sys.executable, str(WORKER), "step", str(out), *kinks],
             env=env,
             capture_output=True,
             text=True,
@@ -644,14 +647,6 @@ def test_cpu_xla_flags_keep_a_train_step_within_float32_round_off(tmp_path):
         results[name] = np.load(out)
     default, dhel = results["default"], results["dhel"]
     assert set(default.files) == set(dhel.files)
-    # The worker's two steps, in-process, to check that they stay clear of the ReLU kinks.
-    config = train_worker.step_config()
-    setup = train_worker.build_training(jax.devices()[:1], config)
-    state = setup.init()
-    for _ in range(2):
-        train_worker.assert_step_clear_of_kinks(setup, state, fixed_batch(), config)
-        state, _ = setup.train_step(state, train.global_batch(fixed_batch(), setup.batch_sharding))
-
     np.testing.assert_allclose(dhel["loss"], default["loss"], rtol=1e-5)
     for key in default.files:
         np.testing.assert_allclose(dhel[key], default[key], rtol=1e-5, atol=1e-5, err_msg=key)
