@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -324,8 +324,14 @@ def conv_general_dilated(
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut; expansion 1."""
+class _ResidualBlock(nn.Module):
+    """The fields and the shortcut that :class:`BasicBlock` and :class:`BottleneckBlock` share.
+
+    The block's output is ``relu(shortcut(x) + y)``: ``shortcut`` is the identity, or a strided
+    1x1 projection with BatchNorm (``conv_proj``, ``norm_proj``) where ``x`` and ``y`` differ in
+    shape; ``y`` ends in a BatchNorm whose scale starts at zero with ``zero_init_residual``, so
+    each block starts as the identity (Goyal et al., 2017; SimCLR).
+    """
 
     filters: int
     conv: ModuleDef
@@ -333,51 +339,62 @@ class BasicBlock(nn.Module):
     strides: tuple[int, int] = (1, 1)
     zero_init_residual: bool = True
 
-    expansion = 1
+    expansion: ClassVar[int] = 1
+
+    @nn.nowrap
+    def _last_norm(self) -> nn.Module:
+        init = (
+            nn.initializers.zeros_init() if self.zero_init_residual else nn.initializers.ones_init()
+        )
+        return self.norm(scale_init=init)
+
+    @nn.nowrap
+    def _add_shortcut(self, x: Array, y: Array) -> Array:
+        if x.shape != y.shape:
+            x = self.conv(self.filters * self.expansion, (1, 1), self.strides, name="conv_proj")(x)
+            x = self.norm(name="norm_proj")(x)
+        return nn.relu(x + y)
+
+
+class BasicBlock(_ResidualBlock):
+    """Two 3x3 convolutions with an identity (or 1x1 projection) shortcut; expansion 1."""
+
+    expansion: ClassVar[int] = 1
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        residual = x
         y = self.conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)))(x)
         y = nn.relu(self.norm()(y))
         y = self.conv(self.filters, (3, 3), padding=((1, 1), (1, 1)))(y)
-        # A zero gamma makes each block start as the identity (Goyal et al., 2017; SimCLR).
-        y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
-        if residual.shape != y.shape:
-            residual = self.conv(self.filters, (1, 1), self.strides, name="conv_proj")(residual)
-            residual = self.norm(name="norm_proj")(residual)
-        return nn.relu(residual + y)
+        return self._add_shortcut(x, self._last_norm()(y))
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_ResidualBlock):
     """1x1 reduce, 3x3 (strided), 1x1 expand (x4) convolutions with a shortcut; expansion 4."""
 
-    filters: int
-    conv: ModuleDef
-    norm: ModuleDef
-    strides: tuple[int, int] = (1, 1)
-    zero_init_residual: bool = True
-
-    expansion = 4
+    expansion: ClassVar[int] = 4
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        residual = x
         y = nn.relu(self.norm()(self.conv(self.filters, (1, 1))(x)))
         y = self.conv(self.filters, (3, 3), self.strides, padding=((1, 1), (1, 1)))(y)
         y = nn.relu(self.norm()(y))
         y = self.conv(self.filters * self.expansion, (1, 1))(y)
-        y = self.norm(scale_init=_last_scale_init(self.zero_init_residual))(y)
-        if residual.shape != y.shape:
-            residual = self.conv(
-                self.filters * self.expansion, (1, 1), self.strides, name="conv_proj"
-            )(residual)
-            residual = self.norm(name="norm_proj")(residual)
-        return nn.relu(residual + y)
+        return self._add_shortcut(x, self._last_norm()(y))
 
 
-def _last_scale_init(zero: bool) -> Callable[..., Array]:
-    return nn.initializers.zeros_init() if zero else nn.initializers.ones_init()
+def _batch_norm(module: ResNet | ProjectionHead, train: bool) -> ModuleDef:
+    """``nn.BatchNorm`` with ``module``'s momentum, epsilon, dtypes and cross-device axis; batch
+    statistics in training, the running averages otherwise."""
+    return functools.partial(
+        nn.BatchNorm,
+        use_running_average=not train,
+        momentum=module.bn_momentum,
+        epsilon=module.bn_epsilon,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        axis_name=module.bn_axis_name,
+    )
 
 
 class ResNet(nn.Module):
@@ -433,15 +450,7 @@ class ResNet(nn.Module):
             kernel_init=conv_kernel_init,
             conv_general_dilated=conv_general_dilated,
         )
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
-        )
+        norm = _batch_norm(self, train)
         x = jnp.asarray(x, self.dtype)
         if self.stem == "imagenet":
             x = conv(self.num_filters, (7, 7), (2, 2), padding=((3, 3), (3, 3)), name="stem_conv")(
@@ -498,15 +507,7 @@ class ProjectionHead(nn.Module):
                 f"ProjectionHead: expects features of shape (B, F); got shape {tuple(h.shape)}."
             )
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(
-            nn.BatchNorm,
-            use_running_average=not train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            axis_name=self.bn_axis_name,
-        )
+        norm = _batch_norm(self, train)
         z = jnp.asarray(h, self.dtype)
         for i in range(self.num_layers - 1):
             z = dense(self.hidden_dim, use_bias=False, name=f"hidden{i + 1}")(z)
