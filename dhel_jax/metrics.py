@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dhel_jax import pairwise
 from dhel_jax._validation import (
     check_block_size,
     check_embeddings,
@@ -31,23 +32,12 @@ from dhel_jax._validation import (
     check_positive,
 )
 from dhel_jax.kernels import inverse_power, power
-from dhel_jax.pairwise import (
-    AxisName,
-    accumulation_dtype,
-    axis_size,
-    gather_candidates,
-    global_logsumexp,
-    global_sum,
-    l2_normalize,
-    pairwise_reduce,
-    partition_explicit_axes,
-    vma_zero,
-)
+from dhel_jax.pairwise import AxisName
 
 Array = jax.Array
 
 
-@partition_explicit_axes
+@pairwise.partition_explicit_axes
 def alignment(x: Array, y: Array, *, alpha: float = 2.0, axis_name: AxisName = None) -> Array:
     """``mean_i |x_i - y_i|^alpha`` of the normalised rows (docs/spec.md ``alignment``).
 
@@ -58,11 +48,11 @@ def alignment(x: Array, y: Array, *, alpha: float = 2.0, axis_name: AxisName = N
     fn = "alignment"
     check_pair(x, y, fn=fn, names=("x", "y"))
     check_positive(alpha, "alpha", fn=fn)
-    acc = accumulation_dtype(x.dtype)
-    diff = l2_normalize(x).astype(acc) - l2_normalize(y).astype(acc)
+    acc = pairwise.accumulation_dtype(x.dtype)
+    diff = pairwise.l2_normalize(x).astype(acc) - pairwise.l2_normalize(y).astype(acc)
     r2 = jnp.sum(diff * diff, axis=-1)
     per_row = r2 if alpha == 2 else power(r2, jnp.asarray(alpha, acc))
-    return global_sum(per_row, axis_name) / (x.shape[0] * axis_size(axis_name))
+    return pairwise.global_sum(per_row, axis_name) / (x.shape[0] * pairwise.axis_size(axis_name))
 
 
 def _neg_scaled(r2: Array, t: Array) -> Array:
@@ -80,8 +70,8 @@ def _over_other_rows(
     """Per row i of ``u`` (M, d): the ``reduce`` (``"lse"`` or ``"sum"``) of
     ``f(|u_i - u_j|^2, param)`` over every other row j of the global batch (gathered over
     ``axis_name``); (M,). The pair sums of ``uniformity`` and ``hyperspherical_energy``."""
-    u_all, ids = gather_candidates(u, axis_name)
-    rows, _ = pairwise_reduce(
+    u_all, ids = pairwise.gather_candidates(u, axis_name)
+    rows, _ = pairwise.pairwise_reduce(
         u,
         u_all,
         f,
@@ -94,7 +84,7 @@ def _over_other_rows(
     return rows
 
 
-@partition_explicit_axes
+@pairwise.partition_explicit_axes
 def uniformity(
     x: Array, *, t: float = 2.0, axis_name: AxisName = None, block_size: int | None = None
 ) -> Array:
@@ -111,14 +101,14 @@ def uniformity(
     check_embeddings(x, "x", fn=fn)
     check_block_size(block_size, fn=fn)
     check_positive(t, "t", fn=fn)
-    global_m = x.shape[0] * axis_size(axis_name)
+    global_m = x.shape[0] * pairwise.axis_size(axis_name)
     check_global_batch(global_m, fn=fn)
-    acc = accumulation_dtype(x.dtype)
+    acc = pairwise.accumulation_dtype(x.dtype)
     row_lse = _over_other_rows(
-        l2_normalize(x), _neg_scaled, jnp.asarray(t, acc), "lse", axis_name, block_size
+        pairwise.l2_normalize(x), _neg_scaled, jnp.asarray(t, acc), "lse", axis_name, block_size
     )
     # Mean over ordered pairs i != j equals the mean over i < j.
-    return global_logsumexp(row_lse, axis_name) - jnp.log(
+    return pairwise.global_logsumexp(row_lse, axis_name) - jnp.log(
         jnp.asarray(global_m * (global_m - 1), acc)
     )
 
@@ -133,8 +123,8 @@ def _unit_rows(x: Array, normalize: bool = True) -> Array:
     error of ~4e-3, which would bias pair statistics near +-1.
     """
     x = _replicated(x)
-    xf = x.astype(accumulation_dtype(x.dtype))
-    return l2_normalize(xf) if normalize else xf
+    xf = x.astype(pairwise.accumulation_dtype(x.dtype))
+    return pairwise.l2_normalize(xf) if normalize else xf
 
 
 def _replicated(x: Array) -> Array:
@@ -156,7 +146,7 @@ def _replicated(x: Array) -> Array:
 def _check_metric_input(x: Array, fn: str, axis_name: AxisName = None) -> int:
     """Validates an (M, d) input and returns the global number of rows M."""
     check_embeddings(x, "x", fn=fn)
-    global_m = x.shape[0] * axis_size(axis_name)
+    global_m = x.shape[0] * pairwise.axis_size(axis_name)
     check_global_batch(global_m, fn=fn)
     return global_m
 
@@ -243,10 +233,10 @@ def hyperspherical_energy(
             f"{fn}: s must be a real number >= 0 (s > 0: Riesz s-energy, s = 0: log-energy); "
             f"got s = {s!r}."
         )
-    acc = accumulation_dtype(x.dtype)
+    acc = pairwise.accumulation_dtype(x.dtype)
     f = _log_energy if s == 0 else inverse_power
     row_sums = _over_other_rows(_unit_rows(x), f, jnp.asarray(s, acc), "sum", axis_name, block_size)
-    return global_sum(row_sums, axis_name) / (global_m * (global_m - 1))
+    return pairwise.global_sum(row_sums, axis_name) / (global_m * (global_m - 1))
 
 
 # --------------------------------------------------------------------------- Wasserstein uniformity
@@ -410,11 +400,11 @@ def _masked_min_max(s: Array, valid: Array):
 def _exact_pair_histogram(u, axis_name, global_m, num_bins, block_size, value_range=None):
     """Histogram of all pairs i < j of the (global) rows; this device handles its own rows.
     The bins span the pairs' range, or ``value_range = (lo, hi)`` when given."""
-    u_all, row_ids = gather_candidates(u, axis_name)
+    u_all, row_ids = pairwise.gather_candidates(u, axis_name)
     cols = u if u_all is None else u_all
     col_ids = jnp.arange(global_m, dtype=jnp.int32)
     # Scan carries inside shard_map must vary over the same mesh axes as u.
-    zero = vma_zero(u, dtype=u.dtype)
+    zero = pairwise.vma_zero(u, dtype=u.dtype)
     zeros = (
         jnp.zeros((num_bins,), jnp.int32) + zero.astype(jnp.int32),
         jnp.zeros((num_bins,), u.dtype) + zero,
