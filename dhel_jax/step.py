@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -273,34 +274,30 @@ def train_step(
 def make_train_step(
     mesh: Mesh,
     *,
-    model: models.ContrastiveModel,
-    tx: optax.GradientTransformation,
-    loss_fn: Callable[..., Any],
-    learning_rate_fn: optax.Schedule,
-    view_kwargs: Mapping[str, Any],
-    probe_tx: optax.GradientTransformation | None = None,
     compiler_options: Mapping[str, Any] | None = None,
-    embedding_chunks: int = 1,
-    geometry_every_steps: int = 0,
+    **step_kwargs: Any,
 ) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict[str, Array]]]:
     """:func:`train_step` jitted over ``mesh``: batch sharded on ``'data'``, state replicated
-    and donated, metrics replicated. ``compiler_options`` are XLA options for this step only
-    (e.g. ``{"xla_backend_optimization_level": 0}`` compiles CPU smoke tests twice as fast);
-    ``embedding_chunks`` and ``geometry_every_steps`` are :func:`train_step`'s."""
+    and donated, metrics replicated.
+
+    ``step_kwargs`` are :func:`train_step`'s keywords (``model``, ``tx``, ``loss_fn``,
+    ``learning_rate_fn``, ``view_kwargs`` and the optional ones) but ``sharding``, which is the
+    mesh's batch sharding; a name :func:`train_step` does not take raises ``TypeError`` here.
+    ``compiler_options`` are XLA options for this step only (e.g.
+    ``{"xla_backend_optimization_level": 0}`` compiles CPU smoke tests twice as fast).
+    """
+    accepted = set(inspect.signature(train_step).parameters) - {"state", "batch", "sharding"}
+    unknown = sorted(set(step_kwargs) - accepted)
+    if unknown:
+        raise TypeError(
+            f"make_train_step: unknown keyword(s) {', '.join(map(repr, unknown))}; accepted are "
+            f"{', '.join(sorted(accepted | {'compiler_options'}))}."
+        )
     batch_sharding = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
-    step = functools.partial(
-        train_step,
-        model=model,
-        tx=tx,
-        loss_fn=loss_fn,
-        learning_rate_fn=learning_rate_fn,
-        view_kwargs=dict(view_kwargs),
-        probe_tx=probe_tx,
-        sharding=batch_sharding,
-        embedding_chunks=embedding_chunks,
-        geometry_every_steps=geometry_every_steps,
-    )
+    if "view_kwargs" in step_kwargs:  # a copy: later changes to the caller's mapping stay out
+        step_kwargs["view_kwargs"] = dict(step_kwargs["view_kwargs"])
+    step = functools.partial(train_step, sharding=batch_sharding, **step_kwargs)
     return jax.jit(
         step,
         in_shardings=(replicated, batch_sharding),

@@ -296,6 +296,16 @@ def test_step_crops_images_in_canvases_by_their_sizes(eight_devices):
     assert abs(loss["part"] - loss["plain"]) > 1e-3, loss
 
 
+def test_make_train_step_rejects_a_keyword_train_step_does_not_take():
+    from dhel_jax import step
+
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    with pytest.raises(TypeError, match=r"unknown keyword\(s\) 'loss'; accepted are .*loss_fn"):
+        step.make_train_step(mesh, loss=losses.get_loss("dhel"))
+    with pytest.raises(TypeError, match="'sharding'"):  # the mesh's; not the caller's to set
+        step.make_train_step(mesh, sharding=None)
+
+
 @pytest.mark.slow
 def test_step_on_8_devices_equals_1_device(eight_devices):
     """Same loss, updated parameters, BatchNorm statistics and probe within 1e-5, two steps.
