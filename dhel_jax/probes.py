@@ -481,22 +481,18 @@ def knn_accuracy(
     query_labels: Array,
     *,
     num_classes: int,
-    k: int = 200,
-    temperature: float = 0.1,
-    chunk_size: int = 512,
+    **knn_options: Any,
 ) -> float:
-    """Top-1 accuracy of ``knn_predict`` on (N_query,) labelled queries."""
+    """Top-1 accuracy of :func:`knn_predict` on (N_query,) labelled queries.
+
+    ``knn_options`` are :func:`knn_predict`'s ``k``, ``temperature`` and ``chunk_size``, with
+    its defaults.
+    """
     fn = "knn_accuracy"
     check_embeddings(query_features, "query_features", fn=fn)
     _check_num_classes(num_classes, fn=fn)
     _check_labels(query_labels, "query_labels", query_features.shape[0], num_classes, fn=fn)
     predictions = knn_predict(
-        train_features,
-        train_labels,
-        query_features,
-        num_classes=num_classes,
-        k=k,
-        temperature=temperature,
-        chunk_size=chunk_size,
+        train_features, train_labels, query_features, num_classes=num_classes, **knn_options
     )
     return _top1(predictions, query_labels)
