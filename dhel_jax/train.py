@@ -126,6 +126,18 @@ def _init_options(mesh: Mesh) -> dict[str, Any] | None:
     return None
 
 
+# config.optimizer's fields that optimizers.make_optimizer takes under the same names.
+_OPTIMIZER_KEYWORDS = (
+    "weight_decay",
+    "momentum",
+    "trust_coefficient",
+    "b1",
+    "b2",
+    "eps",
+    "nesterov",
+)
+
+
 def make_training(
     config: ml_collections.ConfigDict,
     mesh: Mesh,
@@ -146,15 +158,7 @@ def make_training(
         end_value=o.end_lr,
     )
     tx = optimizers.make_optimizer(
-        o.name,
-        learning_rate=learning_rate_fn,
-        weight_decay=o.weight_decay,
-        momentum=o.momentum,
-        trust_coefficient=o.trust_coefficient,
-        b1=o.b1,
-        b2=o.b2,
-        eps=o.eps,
-        nesterov=o.nesterov,
+        o.name, learning_rate=learning_rate_fn, **{k: o[k] for k in _OPTIMIZER_KEYWORDS}
     )
     probe_tx = None
     if config.online_probe.enabled:
