@@ -394,30 +394,34 @@ def _planned_config(config: ml_collections.ConfigDict, geometry: bool) -> ml_col
 
 def summary(plan: Mapping[str, Any]) -> str:
     """A few lines of ``plan`` for the terminal (the JSON holds everything)."""
-    m, e = plan["memory"], plan["estimate"]
-    gib = 1 / _GIB
-    hbm = "unknown" if m["hbm_bytes"] is None else f"{m['hbm_bytes'] * gib:.2f} GiB"
     lines = [
         f"{plan['dataset']} {plan['model']} {plan['dtype']}, batch {plan['batch_size']} on "
         f"{plan['topology']} ({plan['num_devices']} x {plan['device_kind']}), compiled in "
         f"{plan['compile_seconds']:.1f} s",
+        _memory_line(plan["memory"]),
     ]
-    if m["total_bytes"] is None:
-        lines.append(f"memory per chip: does not fit ({m.get('compiler', 'not compiled')})")
-    else:
-        lines.append(
-            f"memory per chip: {m['total_bytes'] * gib:.2f} GiB of {hbm} "
-            f"(temporaries {m['temp_bytes'] * gib:.2f} GiB): "
-            f"{'fits' if m['fits'] else 'does not fit' if m['fits'] is False else 'unknown'}"
-        )
     if plan["flops_per_device"] is not None:
         lines.append(f"FLOPs per chip and step: {plan['flops_per_device']:.4g}")
-    if e["step_seconds"] is None:
-        lines.append(f"estimate: none ({e['reason']})")
-    else:
-        lines.append(
-            f"estimate (cost model, not a measurement): {e['step_seconds'] * 1e3:.1f} ms/step, "
-            f"{e['images_per_second']:.0f} images/s, MFU {100 * e['mfu']:.1f}%, "
-            f"{e['chip_hours']:.1f} chip-hours for {plan['total_steps']} steps"
-        )
+    lines.append(_estimate_line(plan))
     return "\n".join(lines)
+
+
+def _memory_line(m: Mapping[str, Any]) -> str:
+    if m["total_bytes"] is None:
+        return f"memory per chip: does not fit ({m.get('compiler', 'not compiled')})"
+    gib = 1 / _GIB
+    hbm = "unknown" if m["hbm_bytes"] is None else f"{m['hbm_bytes'] * gib:.2f} GiB"
+    verdict = {True: "fits", False: "does not fit", None: "unknown"}[m["fits"]]
+    total, temp = m["total_bytes"] * gib, m["temp_bytes"] * gib
+    return f"memory per chip: {total:.2f} GiB of {hbm} (temporaries {temp:.2f} GiB): {verdict}"
+
+
+def _estimate_line(plan: Mapping[str, Any]) -> str:
+    e = plan["estimate"]
+    if e["step_seconds"] is None:
+        return f"estimate: none ({e['reason']})"
+    return (
+        f"estimate (cost model, not a measurement): {e['step_seconds'] * 1e3:.1f} ms/step, "
+        f"{e['images_per_second']:.0f} images/s, MFU {100 * e['mfu']:.1f}%, "
+        f"{e['chip_hours']:.1f} chip-hours for {plan['total_steps']} steps"
+    )
