@@ -15,8 +15,9 @@ figures, per chip:
 The cost model's ``optimal_seconds`` is negative for programs with ``ConcatBitcast`` custom
 calls: each adds exactly -1 s, a sentinel for an operation the model does not time
 (docs/accelerators.md, "Planning a TPU run", has the evidence). :func:`estimate` adds those
-seconds back, and reports no time at all (``None`` with a ``reason``) when the corrected time is
-still not positive or is below the roofline bound ``max(FLOPs / peak, bytes / bandwidth)``.
+seconds back, reports no time at all (``None`` with a ``reason``) when the corrected time is
+still not positive, and never a time below the roofline bound ``max(FLOPs / peak, bytes /
+bandwidth)`` of the chip's table: a faster time is raised to the bound (``roofline_limited``).
 """
 
 from __future__ import annotations
@@ -196,7 +197,9 @@ def estimate(
     ``step_seconds`` is ``optimal_seconds`` plus one second per ``ConcatBitcast`` custom call
     (the model's -1 s sentinel); ``images_per_second`` counts dataset images (each makes two
     views); ``mfu`` is ``flops_per_device / step_seconds / peak``. All three are ``None``, with a
-    ``reason``, when the cost model gives no time or one below the roofline bound.
+    ``reason``, when the cost model gives no positive time. A time below the roofline bound
+    ``max(flops / peak, bytes accessed / HBM bandwidth)`` is raised to it, and
+    ``roofline_limited`` says so: no chip runs the step faster than its own table allows.
     """
     raw = cost.get("optimal_seconds")
     untimed = cost_model.untimed_custom_calls(hlo_text)
@@ -216,12 +219,18 @@ def estimate(
         result["reason"] = "the cost model gave no optimal_seconds"
         return result
     seconds = cost_model.corrected_seconds(raw, untimed)
-    if seconds <= 0 or seconds < bound:
+    if seconds <= 0:
         result["reason"] = (
             f"the cost model's time {float(raw):.6g} s (+{untimed} s for {untimed} ConcatBitcast "
-            f"calls = {seconds:.6g} s) is not above the roofline bound {bound:.6g} s"
+            f"calls = {seconds:.6g} s) is not positive"
         )
         return result
+    if seconds < bound:
+        result["roofline_limited"] = (
+            f"the cost model's time {seconds:.6g} s is below the roofline bound {bound:.6g} s "
+            "of the chip's peak and HBM bandwidth (dhel_jax.plan.CHIPS); the bound is used"
+        )
+        seconds = bound
     result.update(
         step_seconds=seconds,
         images_per_second=batch_size / seconds,

@@ -120,13 +120,17 @@ def test_estimate_adds_back_the_cost_models_untimed_calls_and_refuses_impossible
     assert got["images_per_second"] == pytest.approx(256 / 0.02)
     assert got["mfu"] == pytest.approx(1e12 / 0.02 / chip.peak_flops)
     assert got["untimed_custom_calls"] == 3
-    # Negative with no such calls, or faster than the roofline bound: no estimate.
-    for cost_seconds, text in ((-0.5, ""), (1e-6, "")):
-        bad = plan.estimate(
-            {**cost, "optimal_seconds": cost_seconds},
-            text,
-            chip=chip,
-            batch_size=256,
-            num_devices=8,
-        )
-        assert bad["step_seconds"] is None and bad["mfu"] is None and bad["reason"]
+    # Negative with no such calls: no estimate.
+    bad = plan.estimate(
+        {**cost, "optimal_seconds": -0.5}, "", chip=chip, batch_size=256, num_devices=8
+    )
+    assert bad["step_seconds"] is None and bad["mfu"] is None and "not positive" in bad["reason"]
+    # Faster than the chip's roofline allows: raised to the bound, and said so.
+    bound = max(1e12 / chip.peak_flops, 1e9 / chip.hbm_bytes_per_second)
+    fast = plan.estimate(
+        {**cost, "optimal_seconds": 1e-6}, "", chip=chip, batch_size=256, num_devices=8
+    )
+    assert fast["step_seconds"] == pytest.approx(bound) and fast["roofline_seconds"] == bound
+    assert fast["mfu"] == pytest.approx(1e12 / bound / chip.peak_flops)
+    assert "roofline bound" in fast["roofline_limited"] and "reason" not in fast
+    assert "roofline_limited" not in got
