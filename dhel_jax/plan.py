@@ -294,59 +294,18 @@ def compile_plan(
     try:
         compiled = lowered.compile()
     except Exception as e:  # JaxRuntimeError; libtpu refuses a program larger than the HBM
-        message = str(e)
-        oom = _HBM_OOM.search(message)
-        if oom is None and "Ran out of memory" not in message:
-            raise
-        needed = available = None
-        if oom is not None:
-            needed, available = (
-                int(float(oom.group(i)) * _UNITS[oom.group(i + 1)]) for i in (1, 3)
-            )
+        memory = _refused_memory(e, chip)  # re-raises any other error
         plan["compile_seconds"] = round(time.perf_counter() - start, 2)
-        plan["memory"] = {
-            "argument_bytes": None,
-            "output_bytes": None,
-            "temp_bytes": needed,
-            "code_bytes": None,
-            "total_bytes": needed,
-            "hbm_bytes": chip.hbm_bytes if chip else available,
-            "usable_hbm_bytes": available,
-            "fits": False,
-            "compiler": str(e).strip().splitlines()[0],
-        }
+        plan["memory"] = memory
         plan["flops_per_device"] = None
         plan["estimate"] = _no_estimate("the step does not fit the chip's HBM: not compiled")
         return plan, None
     plan["compile_seconds"] = round(time.perf_counter() - start, 2)
-
-    memory = compiled.memory_analysis()
-    argument = int(memory.argument_size_in_bytes)
-    output = int(memory.output_size_in_bytes)
-    alias = int(memory.alias_size_in_bytes)
-    temp = int(memory.temp_size_in_bytes)
-    code = int(memory.generated_code_size_in_bytes)
-    # The donated state is aliased to the new one: count those bytes once.
-    total = argument + output - alias + temp + code
-    hbm = chip.hbm_bytes if chip else None
     cost = _cost(compiled)
-    plan.update(
-        {
-            "memory": {
-                "argument_bytes": argument,
-                "output_bytes": output,
-                "alias_bytes": alias,
-                "temp_bytes": temp,
-                "code_bytes": code,
-                "total_bytes": total,
-                "hbm_bytes": hbm,
-                "fits": None if hbm is None else total <= hbm,
-            },
-            "flops_per_device": float(cost.get("flops", 0.0)),
-            "bytes_accessed_per_device": float(cost.get("bytes accessed", 0.0)),
-            "total_steps": counts.total_steps,
-        }
-    )
+    plan["memory"] = _compiled_memory(compiled, chip)
+    plan["flops_per_device"] = float(cost.get("flops", 0.0))
+    plan["bytes_accessed_per_device"] = float(cost.get("bytes accessed", 0.0))
+    plan["total_steps"] = counts.total_steps
     if chip is None:
         plan["estimate"] = _no_estimate(f"no chip figures for {device_kind!r} (plan.CHIPS)")
     else:
@@ -362,6 +321,52 @@ def compile_plan(
         None if seconds is None else counts.total_steps * seconds * num_devices / 3600
     )
     return plan, compiled
+
+
+def _refused_memory(error: Exception, chip: Chip | None) -> dict[str, Any]:
+    """The plan's ``memory`` of a step libtpu refused to compile for lack of HBM, with the
+    bytes its message names; re-raises ``error`` when it is not that refusal."""
+    message = str(error)
+    oom = _HBM_OOM.search(message)
+    if oom is None and "Ran out of memory" not in message:
+        raise error
+    needed = available = None
+    if oom is not None:
+        needed, available = (int(float(oom.group(i)) * _UNITS[oom.group(i + 1)]) for i in (1, 3))
+    return {
+        "argument_bytes": None,
+        "output_bytes": None,
+        "temp_bytes": needed,
+        "code_bytes": None,
+        "total_bytes": needed,
+        "hbm_bytes": chip.hbm_bytes if chip else available,
+        "usable_hbm_bytes": available,
+        "fits": False,
+        "compiler": message.strip().splitlines()[0],
+    }
+
+
+def _compiled_memory(compiled: Any, chip: Chip | None) -> dict[str, Any]:
+    """The plan's ``memory`` of a compiled step, per chip."""
+    memory = compiled.memory_analysis()
+    argument = int(memory.argument_size_in_bytes)
+    output = int(memory.output_size_in_bytes)
+    alias = int(memory.alias_size_in_bytes)
+    temp = int(memory.temp_size_in_bytes)
+    code = int(memory.generated_code_size_in_bytes)
+    # The donated state is aliased to the new one: count those bytes once.
+    total = argument + output - alias + temp + code
+    hbm = chip.hbm_bytes if chip else None
+    return {
+        "argument_bytes": argument,
+        "output_bytes": output,
+        "alias_bytes": alias,
+        "temp_bytes": temp,
+        "code_bytes": code,
+        "total_bytes": total,
+        "hbm_bytes": hbm,
+        "fits": None if hbm is None else total <= hbm,
+    }
 
 
 def _no_estimate(reason: str) -> dict[str, Any]:
