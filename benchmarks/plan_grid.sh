@@ -4,13 +4,15 @@
 # float32 and bfloat16, compiled by dhel-compile for v5e:2x4, v5p:2x2x1 and v6e:2x4, plus
 # ImageNet-100 bfloat16 on v5e:2x4 at B = 1024 and 1536; then the table's rows.
 #   bash benchmarks/plan_grid.sh OUT_DIR [DHEL_COMPILE]
+# DHEL_COMPILE defaults to dhel-compile on the PATH; the table is printed by the python beside
+# it, or by $PYTHON when set.
 # Needs libtpu (pip install 'dhel-jax[tpu]'), no TPU. One compile at a time: each takes one to
 # several minutes on 2 cores. A plan already in OUT_DIR is kept, so an interrupted grid resumes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:?usage: bash benchmarks/plan_grid.sh OUT_DIR [DHEL_COMPILE]}"
 COMPILE="${2:-dhel-compile}"
-PYTHON="$(dirname "$(command -v "$COMPILE")")/python"
+PYTHON="${PYTHON:-$(dirname "$(command -v "$COMPILE")")/python}"
 mkdir -p "$OUT"
 
 plan() {  # config dtype topology batch
