@@ -8,6 +8,7 @@ in-process can too).
 
 from __future__ import annotations
 
+import glob
 import importlib.metadata
 import importlib.util
 import os
@@ -29,8 +30,7 @@ CPU_XLA_FLAGS = {
 # checking it; tests/test_train.py runs a train step with the flags on the jaxlib installed.
 _CPU_FLAGS_JAXLIB_SERIES = frozenset({(0, 10), (0, 11), (0, 12)})
 
-_ACCELERATOR_PLUGINS = (
-    "libtpu",
+_GPU_PLUGINS = (
     "jax_cuda12_plugin",
     "jax_cuda13_plugin",
     "jax_rocm6_plugin",
@@ -38,13 +38,39 @@ _ACCELERATOR_PLUGINS = (
 )
 
 
+# Cloud TPU chips on the PCI bus: Google's vendor id and the device ids of TPU v3 to TPU7x (the
+# table JAX itself reads).
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+_TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
+
+
+def tpu_chips_present(pci_devices: str = "/sys/bus/pci/devices") -> bool:
+    """Whether a TPU chip sits on this host's PCI bus (read from sysfs, before any JAX backend
+    starts; ``False`` where sysfs is absent)."""
+    for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() != _GOOGLE_PCI_VENDOR:
+                    continue
+            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
+                if f.read().strip() in _TPU_PCI_DEVICES:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
 def accelerator_installed() -> bool:
     """Whether JAX will start an accelerator backend: ``JAX_PLATFORMS`` names a non-CPU one,
-    or (unset) a TPU, CUDA or ROCm plugin is installed."""
+    or (unset) a CUDA or ROCm plugin is installed, or libtpu is and a TPU chip is on the PCI
+    bus. libtpu without a chip (installed for ``dhel-compile`` on a CPU host) leaves JAX on the
+    CPU, which then gets the CPU flags."""
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() not in ("cpu", "")
-    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+    if any(importlib.util.find_spec(name) is not None for name in _GPU_PLUGINS):
+        return True
+    return importlib.util.find_spec("libtpu") is not None and tpu_chips_present()
 
 
 def cpu_xla_flags(xla_flags: str, jaxlib_version: str | None = None) -> list[str]:

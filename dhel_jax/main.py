@@ -32,7 +32,6 @@ the config's train step for a TPU slice on this host, with no TPU (:mod:`dhel_ja
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from dhel_jax._io import refused_write_message
-from dhel_jax.cpu import accelerator_installed, use_cpu_xla_flags
+from dhel_jax.cpu import accelerator_installed, tpu_chips_present, use_cpu_xla_flags
 
 _DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -101,29 +100,6 @@ def define_train_flags() -> None:
     )
 
 
-# Cloud TPU chips on the PCI bus: Google's vendor id and the device ids of TPU v3 to TPU7x (the
-# table JAX itself reads). A newer generation missing here is still found by
-# ``--distributed=true`` or ``JAX_COORDINATOR_ADDRESS``.
-_GOOGLE_PCI_VENDOR = "0x1ae0"
-_TPU_PCI_DEVICES = frozenset({"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"})
-
-
-def _tpu_chips_present(pci_devices: str = "/sys/bus/pci/devices") -> bool:
-    """Whether a TPU chip sits on this host's PCI bus (read from sysfs, before any JAX backend
-    starts; ``False`` where sysfs is absent)."""
-    for vendor in glob.glob(os.path.join(pci_devices, "*", "vendor")):
-        try:
-            with open(vendor) as f:
-                if f.read().strip() != _GOOGLE_PCI_VENDOR:
-                    continue
-            with open(os.path.join(os.path.dirname(vendor), "device")) as f:
-                if f.read().strip() in _TPU_PCI_DEVICES:
-                    return True
-        except OSError:
-            continue
-    return False
-
-
 def _multiprocess_environment() -> bool:
     """Whether this process is one of several that must form a jax.distributed system."""
     env = os.environ
@@ -131,7 +107,9 @@ def _multiprocess_environment() -> bool:
         return True
     if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return True
-    return _tpu_chips_present()
+    # A TPU VM of a generation missing from the table is still found by --distributed=true or
+    # JAX_COORDINATOR_ADDRESS.
+    return tpu_chips_present()
 
 
 def cpu_device_count(batch_size: int, requested: str, cores: int | None = None) -> int:

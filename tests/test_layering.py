@@ -154,19 +154,57 @@ def test_the_step_imports_and_traces_without_the_data_and_run_stack():
     assert "step-only ok" in _run_fresh(_STEP_ONLY)
 
 
+def _pci_device(bus: Path, name: str, vendor: str, dev: str) -> None:
+    (bus / name).mkdir()
+    (bus / name / "vendor").write_text(vendor + "\n")
+    (bus / name / "device").write_text(dev + "\n")
+
+
 def test_tpu_detection_reads_the_pci_bus(tmp_path):
     """dhel-train's multi-process auto-detection finds a TPU chip from sysfs alone."""
-    from dhel_jax import main
+    from dhel_jax import cpu
 
-    def device(name: str, vendor: str, dev: str) -> None:
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "vendor").write_text(vendor + "\n")
-        (tmp_path / name / "device").write_text(dev + "\n")
+    assert not cpu.tpu_chips_present(str(tmp_path))
+    _pci_device(tmp_path, "0000:00:04.0", "0x1ae0", "0x0042")  # a Google gVNIC: not a TPU
+    _pci_device(tmp_path, "0000:00:05.0", "0x10de", "0x0063")  # another vendor's 0x0063
+    assert not cpu.tpu_chips_present(str(tmp_path))
+    _pci_device(tmp_path, "0000:00:06.0", "0x1ae0", "0x0063")  # TPU v5e
+    assert cpu.tpu_chips_present(str(tmp_path))
+    assert not cpu.tpu_chips_present(str(tmp_path / "absent"))
 
-    assert not main._tpu_chips_present(str(tmp_path))
-    device("0000:00:04.0", "0x1ae0", "0x0042")  # a Google gVNIC network card: not a TPU
-    device("0000:00:05.0", "0x10de", "0x0063")  # another vendor's device 0x0063
-    assert not main._tpu_chips_present(str(tmp_path))
-    device("0000:00:06.0", "0x1ae0", "0x0063")  # TPU v5e
-    assert main._tpu_chips_present(str(tmp_path))
-    assert not main._tpu_chips_present(str(tmp_path / "absent"))
+
+def test_libtpu_without_a_tpu_chip_leaves_the_host_a_cpu_host(tmp_path, monkeypatch):
+    """libtpu installed for dhel-compile on a CPU host: JAX stays on the CPU, so the CPU flags
+    and device split apply; with a chip on the bus (or a GPU plugin) they do not."""
+    import importlib.util
+
+    from dhel_jax import cpu
+
+    installed: set[str] = set()
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name in installed:
+            return object()
+        if name == "libtpu" or name in cpu._GPU_PLUGINS:
+            return None
+        return real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    real_chips_present = cpu.tpu_chips_present
+    monkeypatch.setattr(cpu, "tpu_chips_present", lambda: real_chips_present(str(tmp_path)))
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    assert not cpu.accelerator_installed()
+    installed.add("libtpu")
+    assert not cpu.accelerator_installed()
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert cpu.use_cpu_xla_flags() == cpu.cpu_xla_flags("") != []
+    _pci_device(tmp_path, "0000:00:06.0", "0x1ae0", "0x0063")  # TPU v5e
+    assert cpu.accelerator_installed()
+    assert cpu.use_cpu_xla_flags() == []
+    installed.clear()
+    assert not cpu.accelerator_installed()
+    installed.add("jax_cuda12_plugin")
+    assert cpu.accelerator_installed()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not cpu.accelerator_installed()
